@@ -1,0 +1,1 @@
+from .timeseries import DATASETS, TimeSeriesDataModule, WindowDataset  # noqa: F401

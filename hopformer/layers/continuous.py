@@ -1,0 +1,297 @@
+"""Continuous-time memory attention (Santos et al. 2025, SPEC section 3) as a drop-in ``Hopfield`` layer.
+
+``ContinuousHopfield`` projects queries, keys and values like :class:`hopformer.layers.Hopfield`,
+then compresses each head's ``L`` keys and values into ``N`` basis coefficients by ridge regression
+(eq. 5) and retrieves with the Gibbs expectation update (eqs. 7-8). A query then costs ``O(N d)``
+(rectangular boxes, exact closed form) or ``O(K N + N d)`` (trapezoid rule on ``K`` points)
+instead of ``O(L d)``; the compression itself is one ``(N x L) @ (L x d)`` product per head with a
+factor cached per ``(L, N, lambda, basis)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..functional.continuous import (
+    continuous_energy,
+    continuous_retrieve,
+    gaussian_basis,
+    gaussian_integral,
+    masked_ridge_coefficients,
+    memory_positions,
+    rectangular_basis,
+    rectangular_integral,
+    ridge_coefficients,
+    ridge_factor,
+    trapezoid_rule,
+)
+from .hopfield import Hopfield, _positive_int
+
+__all__ = ["RectangularBasis", "GaussianBasis", "ContinuousHopfield", "make_basis"]
+
+
+class RectangularBasis(nn.Module):
+    """``N`` uniformly spaced rectangular boxes on [0, 1] (the paper's choice), heights 1.
+
+    Args:
+        num_basis: number of boxes ``N`` (>= 1).
+    """
+
+    learnable = False
+
+    def __init__(self, num_basis: int) -> None:
+        super().__init__()
+        self.num_basis = _positive_int("num_basis", num_basis)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``psi(t)``: positions of any shape -> ``(..., N)``."""
+        return rectangular_basis(t, self.num_basis)
+
+    def integral(self) -> Tensor:
+        """``int_0^1 psi(t) dt`` ``(N,)``, closed form."""
+        return rectangular_integral(self.num_basis)
+
+    def resized(self, num_basis: int) -> "RectangularBasis":
+        return RectangularBasis(num_basis)
+
+    @property
+    def cache_key(self) -> tuple:
+        return ("rectangular", self.num_basis)
+
+    def extra_repr(self) -> str:
+        return f"num_basis={self.num_basis}"
+
+
+class GaussianBasis(nn.Module):
+    """``N`` Gaussian RBFs ``N(t; mu_n, sigma_n^2)`` on [0, 1] (infinity-former style), closed-form integrals.
+
+    Args:
+        num_basis: number of functions ``N`` (>= 1); centres evenly spaced in [0, 1].
+        width: common width ``sigma`` (> 0); default ``1 / N``.
+        learnable: learn the centres and ``log`` widths (then the ridge factor is recomputed each call).
+    """
+
+    def __init__(self, num_basis: int, width: float | None = None, learnable: bool = False) -> None:
+        super().__init__()
+        self.num_basis = _positive_int("num_basis", num_basis)
+        width = 1.0 / num_basis if width is None else width
+        if not isinstance(width, (int, float)) or not width > 0:
+            raise ValueError(f"width (sigma of the Gaussian basis) must be > 0, got {width!r}")
+        self.width, self.learnable = float(width), learnable
+        centers = memory_positions(num_basis)
+        log_widths = torch.full((num_basis,), math.log(width))
+        if learnable:
+            self.centers, self.log_widths = nn.Parameter(centers), nn.Parameter(log_widths)
+        else:
+            self.register_buffer("centers", centers)
+            self.register_buffer("log_widths", log_widths)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``psi(t)``: positions of any shape -> ``(..., N)``."""
+        return gaussian_basis(t, self.centers.to(t.dtype), self.log_widths.exp().to(t.dtype))
+
+    def integral(self) -> Tensor:
+        """``int_0^1 psi(t) dt`` ``(N,)``, closed form."""
+        return gaussian_integral(self.centers, self.log_widths.exp())
+
+    def resized(self, num_basis: int) -> "GaussianBasis":
+        return GaussianBasis(num_basis, width=1.0 / num_basis)
+
+    @property
+    def cache_key(self) -> tuple:
+        return ("gaussian", self.num_basis, self.width)
+
+    def extra_repr(self) -> str:
+        return f"num_basis={self.num_basis}, width={self.width:.4g}, learnable={self.learnable}"
+
+
+def make_basis(basis: str | nn.Module, num_basis: int) -> nn.Module:
+    """A basis module from its name (``"rectangular"`` or ``"gaussian"``) or a given module."""
+    if isinstance(basis, nn.Module):
+        return basis
+    if basis == "rectangular":
+        return RectangularBasis(num_basis)
+    if basis == "gaussian":
+        return GaussianBasis(num_basis)
+    raise ValueError(f"basis must be 'rectangular', 'gaussian' or a basis module, got {basis!r}")
+
+
+class ContinuousHopfield(Hopfield):
+    """Multi-head Hopfield association with continuous-time memories (Santos et al. 2025).
+
+    Same constructor style and forward signature as :class:`hopformer.layers.Hopfield` (its
+    projections, heads and beta), plus:
+
+    Args:
+        dim, num_heads: as :class:`Hopfield`.
+        num_basis: number of basis functions ``N`` (>= 1) the ``L`` keys/values are compressed to.
+        basis: ``"rectangular"`` (paper), ``"gaussian"``, or a basis module (``RectangularBasis``,
+            ``GaussianBasis``).
+        ridge: ridge penalty ``lambda >= 0`` of eq. (5).
+        num_points: trapezoid points ``K`` (>= 2) for the integrals of eqs. (7)-(8) (paper: 500).
+        integration: ``"auto"`` (exact closed form for boxes, trapezoid otherwise), ``"exact"``
+            (boxes only) or ``"trapezoid"``.
+        clip_basis: use ``min(N, L)`` functions when a memory set is shorter than ``N`` (fixed
+            bases only); compressing to more functions than memories only adds empty boxes.
+        **kwargs: the other :class:`Hopfield` arguments (``stored_dim``, ``value_dim``, ``head_dim``,
+            ``out_dim``, ``beta``, ``learnable_beta``, ``update_steps``, ``eps``, ``dropout``,
+            ``bias``, ``project``), except ``separation`` (the Gibbs density is a continuous softmax).
+
+    Masks: ``key_padding_mask`` (``True`` = ignore) removes padded memories *before* compression;
+    the valid ones of each set are re-spaced over [0, 1]. ``attn_mask`` addresses individual
+    discrete keys, which no longer exist after compression: passing one raises ``ValueError``.
+    ``dropout`` acts on the basis responsibilities. ``return_association`` returns
+    ``(B, heads, Lq, N)`` responsibilities ``int p(t) psi(t) dt`` over the basis functions.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 1,
+        *,
+        num_basis: int = 16,
+        basis: str | nn.Module = "rectangular",
+        ridge: float = 1e-3,
+        num_points: int = 500,
+        integration: str = "auto",
+        clip_basis: bool = True,
+        **kwargs,
+    ) -> None:
+        if "separation" in kwargs:
+            raise TypeError("ContinuousHopfield retrieves with the Gibbs density (a continuous softmax); no separation argument")
+        super().__init__(dim, num_heads, **kwargs)
+        self.basis = make_basis(basis, _positive_int("num_basis", num_basis))
+        self.num_basis = self.basis.num_basis
+        if not isinstance(ridge, (int, float)) or not ridge >= 0:
+            raise ValueError(f"ridge (lambda of eq. 5) must be >= 0, got {ridge!r}")
+        if not isinstance(num_points, int) or num_points < 2:
+            raise ValueError(f"num_points (K, trapezoid points) must be an integer >= 2, got {num_points!r}")
+        if integration not in ("auto", "exact", "trapezoid"):
+            raise ValueError(f"integration must be 'auto', 'exact' or 'trapezoid', got {integration!r}")
+        if integration == "exact" and not isinstance(self.basis, RectangularBasis):
+            raise ValueError("integration='exact' has a closed form only for the rectangular basis")
+        self.ridge, self.num_points, self.clip_basis = float(ridge), num_points, clip_basis
+        self.exact = integration == "exact" or (integration == "auto" and isinstance(self.basis, RectangularBasis))
+        self._cache: dict = {}
+
+    # -- basis, factor and quadrature, cached per (L, N, lambda, basis, dtype, device) ----------
+    def _basis_for(self, length: int) -> nn.Module:
+        learnable = getattr(self.basis, "learnable", False)
+        if self.clip_basis and not learnable and length < self.num_basis:
+            return self.basis.resized(length)
+        return self.basis
+
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def ridge_factor(self, length: int, dtype: torch.dtype, device) -> Tensor:
+        """The ``(N, L)`` factor ``(F F^T + lambda I)^-1 F`` of eq. (5) for ``L = length`` memories."""
+        basis = self._basis_for(length)
+
+        def build() -> Tensor:
+            t = memory_positions(length, dtype=torch.float64, device=device)
+            design = basis.to(device)(t).to(torch.float64).T
+            return ridge_factor(design, self.ridge).to(dtype)
+
+        if getattr(basis, "learnable", False):
+            t = memory_positions(length, dtype=dtype, device=device)
+            return ridge_factor(basis(t).T, self.ridge)
+        return self._cached(("factor", length, basis.cache_key, self.ridge, dtype, device), build)
+
+    def quadrature(self, num_basis_used: int, basis: nn.Module, dtype, device) -> tuple[Tensor | None, Tensor | None]:
+        """``psi`` at the ``K`` trapezoid nodes ``(K, N)`` and the weights ``(K,)``; ``(None, None)`` when exact."""
+        if self.exact:
+            return None, None
+
+        def build():
+            nodes, weights = trapezoid_rule(self.num_points, dtype=dtype, device=device)
+            return basis.to(device)(nodes).to(dtype), weights
+
+        if getattr(basis, "learnable", False):
+            return build()
+        return self._cached(("quad", self.num_points, basis.cache_key, dtype, device), build)
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.double(): cached tensors must follow
+        self._cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- compression and retrieval -------------------------------------------------------------
+    def compress(self, memories: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Basis coefficients of projected memories: ``(B, H, L, d) -> (B, H, N, d)`` (eq. 5)."""
+        length = memories.shape[-2]
+        if key_padding_mask is None:
+            return ridge_coefficients(memories, self.ridge_factor(length, memories.dtype, memories.device))
+        if key_padding_mask.dtype != torch.bool:
+            valid = ~torch.isinf(key_padding_mask)  # additive float mask: -inf = ignored
+        else:
+            valid = ~key_padding_mask
+        basis = self._basis_for(length).to(memories.device)
+        return masked_ridge_coefficients(memories, valid, basis, self.ridge)
+
+    def _prepare(self, state, stored, values, key_padding_mask, attn_mask):
+        if attn_mask is not None:
+            raise ValueError(
+                "ContinuousHopfield compresses the keys into basis coefficients, so an attn_mask over discrete keys has "
+                "no meaning after compression; use key_padding_mask (applied before compression) or a discrete Hopfield layer"
+            )
+        stored = state if stored is None else stored
+        values = stored if values is None else values
+        self._check_inputs(state, stored, values)
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (state.shape[0], stored.shape[1]):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, n_keys) = {(state.shape[0], stored.shape[1])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        return stored, values
+
+    def forward(
+        self,
+        state: Tensor,
+        stored: Tensor | None = None,
+        values: Tensor | None = None,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        return_association: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Retrieve for each state pattern from the continuous memory of ``stored``.
+
+        Args:
+            state: ``(B, Lq, dim)``.
+            stored: ``(B, Lk, stored_dim)``; ``None`` = self-association.
+            values: ``(B, Lk, value_dim)``; default ``stored``.
+            key_padding_mask: ``(B, Lk)``, ``True`` where a stored pattern is ignored (before compression).
+            attn_mask: must be ``None`` (see the class docstring).
+            return_association: also return the responsibilities ``(B, heads, Lq, N)``.
+        """
+        stored, values = self._prepare(state, stored, values, key_padding_mask, attn_mask)
+        q, k, v = self.project_query(state), self.project_keys(stored), self.project_values(values)
+        coef_k, coef_v = self.compress(k, key_padding_mask), self.compress(v, key_padding_mask)
+        psi, weights = self.quadrature(coef_k.shape[-2], self._basis_for(stored.shape[1]), q.dtype, q.device)
+        retrieved, resp = continuous_retrieve(
+            q, coef_k, coef_v, beta=self.beta(), psi=psi, quad_weights=weights,
+            steps=self.update_steps, eps=self.eps, return_association=True,
+        )
+        if self.training and self.dropout > 0:
+            retrieved = torch.matmul(nn.functional.dropout(resp, p=self.dropout), coef_v)
+        out = self.project_output(retrieved)
+        return (out, resp) if return_association else out
+
+    def energy(self, state: Tensor, stored: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Energy (6) of each projected state pattern per head, ``(B, heads, Lq)``."""
+        stored, _ = self._prepare(state, stored, None, key_padding_mask, None)
+        q, k = self.project_query(state), self.project_keys(stored)
+        coef = self.compress(k, key_padding_mask)
+        psi, weights = self.quadrature(coef.shape[-2], self._basis_for(stored.shape[1]), q.dtype, q.device)
+        return continuous_energy(q, coef, beta=self.beta(), psi=psi, quad_weights=weights)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_basis={self.num_basis}, ridge={self.ridge}, "
+            f"integration={'exact' if self.exact else f'trapezoid(K={self.num_points})'}"
+        )

@@ -1,0 +1,189 @@
+"""Hopfield vision transformers: timm's ``VisionTransformer`` with its attention swapped for a Hopfield layer.
+
+Registered with timm, so ``timm.create_model("hopfield_vit_tiny_patch4_32", separation="sparsemax",
+num_classes=10)`` works. Every entry point takes
+
+- ``attention``: ``"hopfield"`` (:class:`hopformer.layers.HopfieldAttention`, dense/sparse/entmax),
+  ``"kernelized"`` (U-Hop, ``hopformer.layers.kernel.KernelizedHopfieldAttention``) or ``"continuous"``
+  (``hopformer.layers.continuous.ContinuousHopfieldAttention``, when present);
+- ``separation``: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2], or
+  ``"learnable"`` (alpha-entmax with alpha = 1 + sigmoid(a) learned per layer, Wu et al. 2024, eq. 3.3);
+- ``attn_kwargs``: further keyword arguments of the attention layer (``update_steps``, ``beta``,
+  ``learnable_beta``, kernel options, ...);
+- every other ``VisionTransformer`` argument (``img_size``, ``in_chans``, ``depth``, ``drop_rate``, ...).
+
+The adapters keep timm's parameter names (``qkv``, ``proj``), so a plain timm ViT state dict loads
+into a Hopfield ViT of the same shape: strictly for fixed separations, with
+:func:`load_vit_state_dict` when the Hopfield layer adds parameters (learnable alpha/beta, U-Hop
+feature maps), which then keep their initial values.
+
+| name | image | patch | tokens | dim | depth | heads |
+| --- | --- | --- | --- | --- | --- | --- |
+| ``hopfield_vit_nano_patch2_8`` | 8 (1 channel, digits) | 2 | 16 | 64 | 2 | 4 |
+| ``hopfield_vit_mini_patch4_32`` | 32 | 4 | 64 | 128 | 6 | 4 |
+| ``hopfield_vit_tiny_patch4_32`` | 32 | 4 | 64 | 192 | 12 | 3 |
+| ``hopfield_vit_small_patch4_32`` | 32 | 4 | 64 | 384 | 12 | 6 |
+| ``hopfield_vit_tiny_patch8_64`` | 64 | 8 | 64 | 192 | 12 | 3 |
+| ``hopfield_vit_small_patch8_64`` | 64 | 8 | 64 | 384 | 12 | 6 |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..layers import HopfieldAttention, LearnableAlpha
+
+__all__ = ["hopfield_attn_layer", "hopfield_vit", "load_vit_state_dict", "HOPFIELD_VIT_MODELS", "ATTENTIONS"]
+
+ATTENTIONS = ("hopfield", "kernelized", "continuous")
+HOPFIELD_ONLY_KEYS = ("alpha", "beta", "feature", "phi", "kernel")
+
+
+class _LearnableAlphaAttention(HopfieldAttention):
+    """:class:`HopfieldAttention` with alpha-entmax whose alpha is learned (``alpha.logit`` parameter)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *args, alpha: float = 1.5, alpha_per_head: bool = False, **kwargs):
+        kwargs.pop("separation", None)
+        super().__init__(dim, num_heads, *args, separation=float(alpha), **kwargs)
+        self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head)
+
+    def current_separation(self):
+        return self.alpha()
+
+
+def _with_defaults(cls: type, **defaults: Any) -> type:
+    """A subclass of ``cls`` whose constructor defaults to ``defaults`` (timm needs a class, not a partial)."""
+
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **{**defaults, **kwargs})
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any) -> type:
+    """The attention class for ``VisionTransformer(attn_layer=...)``.
+
+    Args:
+        attention: ``"hopfield"``, ``"kernelized"`` (U-Hop) or ``"continuous"``.
+        separation: a separation of ``hopformer.functional.separate`` or ``"learnable"`` (alpha-entmax,
+            learned alpha initialised at ``options["alpha"]`` or 1.5).
+        **options: further constructor arguments of the attention layer.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if attention == "hopfield":
+        if separation == "learnable":
+            return _with_defaults(_LearnableAlphaAttention, **options)
+        return _with_defaults(HopfieldAttention, separation=separation, **options)
+    if attention == "kernelized":
+        try:
+            from ..layers.kernel import KernelizedHopfieldAttention
+        except ImportError as err:  # pragma: no cover - depends on the U-Hop layer being installed
+            raise ImportError("attention='kernelized' needs hopformer.layers.kernel.KernelizedHopfieldAttention") from err
+        if separation == "learnable":
+            raise ValueError("separation='learnable' is available with attention='hopfield' only")
+        return _with_defaults(KernelizedHopfieldAttention, separation=separation, **options)
+    try:
+        from ..layers.continuous import ContinuousHopfieldAttention  # type: ignore[attr-defined]
+    except ImportError as err:
+        raise ImportError("attention='continuous' needs hopformer.layers.continuous.ContinuousHopfieldAttention") from err
+    if separation != "softmax":
+        options = {"separation": separation, **options}
+    return _with_defaults(ContinuousHopfieldAttention, **options)
+
+
+def hopfield_vit(
+    attention: str = "hopfield",
+    separation: Any = "softmax",
+    attn_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """A ``VisionTransformer`` whose every attention is a Hopfield layer (see the module docstring)."""
+    attn_layer = hopfield_attn_layer(attention, separation, **dict(attn_kwargs or {}))
+    return VisionTransformer(attn_layer=attn_layer, **kwargs)
+
+
+def _hopfield_only(key: str) -> bool:
+    """Whether ``key`` names a parameter that only a Hopfield attention layer has."""
+    inner = key.split(".attn.", 1)[1] if ".attn." in key else ""
+    return any(t in inner for t in HOPFIELD_ONLY_KEYS)
+
+
+def load_vit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a plain timm ViT ``state_dict`` into a Hopfield ViT of the same shape.
+
+    Parameters that only the Hopfield layer has (learnable alpha/beta, U-Hop feature maps) keep their
+    initial values; their names are returned. Any other missing or unexpected key is an error.
+    """
+    result = model.load_state_dict(state_dict, strict=False)
+    bad_missing = [k for k in result.missing_keys if not _hopfield_only(k)]
+    if bad_missing or result.unexpected_keys:
+        raise ValueError(
+            f"state dict does not fit the model: missing {bad_missing}, unexpected {list(result.unexpected_keys)}"
+        )
+    return list(result.missing_keys)
+
+
+def _build(defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+    if pretrained:
+        raise ValueError(
+            "no pretrained Hopfield ViT weights are hosted; create the model and load a timm ViT with "
+            "hopformer.models.vit.load_vit_state_dict(model, timm_vit.state_dict())"
+        )
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
+        kwargs.pop(key, None)  # timm.create_model's bookkeeping, meaningless without hosted weights
+    return hopfield_vit(**{**defaults, **kwargs})
+
+
+_CIFAR = dict(img_size=32, patch_size=4, num_classes=10)
+_TINY = dict(img_size=64, patch_size=8, num_classes=200)
+HOPFIELD_VIT_MODELS: dict[str, dict[str, Any]] = {
+    "hopfield_vit_nano_patch2_8": dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=2,
+                                       num_heads=4, mlp_ratio=2.0),
+    "hopfield_vit_mini_patch4_32": dict(**_CIFAR, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+    "hopfield_vit_tiny_patch4_32": dict(**_CIFAR, embed_dim=192, depth=12, num_heads=3),
+    "hopfield_vit_small_patch4_32": dict(**_CIFAR, embed_dim=384, depth=12, num_heads=6),
+    "hopfield_vit_tiny_patch8_64": dict(**_TINY, embed_dim=192, depth=12, num_heads=3),
+    "hopfield_vit_small_patch8_64": dict(**_TINY, embed_dim=384, depth=12, num_heads=6),
+}
+
+
+@register_model
+def hopfield_vit_nano_patch2_8(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Nano, 8x8 one-channel images (scikit-learn digits), patch 2: the default model."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_nano_patch2_8"], pretrained, kwargs)
+
+
+@register_model
+def hopfield_vit_mini_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Mini (dim 128, depth 6), 32x32 images, patch 4: a CPU-sized CIFAR model."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_mini_patch4_32"], pretrained, kwargs)
+
+
+@register_model
+def hopfield_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Tiny (dim 192, depth 12), 32x32 images (CIFAR), patch 4."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch4_32"], pretrained, kwargs)
+
+
+@register_model
+def hopfield_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Small (dim 384, depth 12), 32x32 images (CIFAR), patch 4."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch4_32"], pretrained, kwargs)
+
+
+@register_model
+def hopfield_vit_tiny_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Tiny (dim 192, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch8_64"], pretrained, kwargs)
+
+
+@register_model
+def hopfield_vit_small_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Hopfield ViT-Small (dim 384, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
+    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch8_64"], pretrained, kwargs)

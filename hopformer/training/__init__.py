@@ -1,0 +1,1 @@
+from .forecasting import ForecastingModule  # noqa: F401
