@@ -39,8 +39,10 @@ def test_softmax_path_calls_sdpa_and_others_do_not(monkeypatch):
     hopfield_retrieve(q, k, beta=1.0)
     assert len(calls) == 1
     hopfield_retrieve(q, k, beta=1.0, separation="sparsemax")
-    hopfield_retrieve(q, k, beta=1.0, separation=1.5)
+    hopfield_retrieve(q, k, beta=1.0, separation=1.5, steps=2)
     assert len(calls) == 1
+    hopfield_retrieve(q, k, beta=1.0, steps=3)  # every softmax step is fused
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize(

@@ -13,3 +13,10 @@ from .separation import (
 )
 from .hopfield import as_additive_mask, association, hopfield_energy, hopfield_retrieve
 from .separation_loss import SEPARATION_LOSSES, separation_loss
+from .continuous import (
+    continuous_energy,
+    continuous_retrieve,
+    masked_ridge_coefficients,
+    ridge_coefficients,
+    ridge_factor,
+)

@@ -74,6 +74,15 @@ def association(
     return separate(scores, separation, dim=-1)
 
 
+def _sdpa(query: Tensor, keys: Tensor, values: Tensor, *, beta, mask, dropout: float) -> Tensor:
+    """One softmax step through the fused kernel; a tensor beta is folded into the query (SDPA's scale is a float)."""
+    if isinstance(beta, Tensor):
+        query, scale = query * beta, 1.0
+    else:
+        scale = float(beta)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
 def hopfield_retrieve(
     query: Tensor,
     keys: Tensor,
@@ -123,20 +132,20 @@ def hopfield_retrieve(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     values = keys if values is None else values
 
+    fused = is_softmax(separation)
     x = query
     for _ in range(steps - 1):
-        x_new = torch.matmul(association(x, keys, beta=beta, separation=separation, mask=mask), keys)
+        if fused:  # a softmax step with values = keys is attention too
+            x_new = _sdpa(x, keys, keys, beta=beta, mask=mask, dropout=0.0)
+        else:
+            x_new = torch.matmul(association(x, keys, beta=beta, separation=separation, mask=mask), keys)
         converged = eps is not None and bool((x_new - x).abs().amax() < eps)
         x = x_new
         if converged:
             break
 
-    if is_softmax(separation) and not return_association:
-        if isinstance(beta, Tensor):  # fold a tensor beta into the query; SDPA's scale takes floats only
-            x, scale = x * beta, 1.0
-        else:
-            scale = float(beta)
-        return F.scaled_dot_product_attention(x, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+    if fused and not return_association:
+        return _sdpa(x, keys, values, beta=beta, mask=mask, dropout=dropout)
 
     weights = association(x, keys, beta=beta, separation=separation, mask=mask)
     kept = F.dropout(weights, p=dropout) if dropout > 0 else weights

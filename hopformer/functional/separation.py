@@ -1,66 +1,90 @@
-"""Separation maps (SPEC section 1): softmax, sparsemax, 1.5-entmax and alpha-entmax.
+"""Separation maps of the modern Hopfield core (SPEC section 1): weights on the simplex from scores.
 
-Provisional version wrapping the `entmax` package; a faster exact implementation follows.
+    softmax(z)      = argmax_{p in simplex} <p, z> + H^S(p)           (dense, Ramsauer et al. 2020)
+    sparsemax(z)    = argmin_{p in simplex} ||p - z||^2                (Martins & Astudillo 2016)
+    entmax(z, a)    = argmax_{p in simplex} <p, z> + H^T_a(p)          (Peters et al. 2019, eq. 2-4)
+
+with the Tsallis entropy `H^T_a(p) = (1 - sum p^a) / (a (a - 1))`, `a` in [1, 2]: a = 1 is softmax,
+a = 2 sparsemax, a = 1.5 the exact "entmax15". `separation_conjugate` gives the matching
+`Psi*(z) = max_{p in simplex} <p, z> - Omega_a(p)` (`Omega_a = -H^T_a`) used by the Hopfield energies.
+
+Conventions (all maps): computed along `dim`; half/bfloat16 inputs are computed in float32 and
+returned in the input dtype (float64 stays float64); `-inf` scores get exactly zero weight; a row
+whose scores are all `-inf` returns all zeros (and conjugate 0), never NaN; NaN or `+inf` scores
+raise `ValueError` for the sparse maps. Sparse maps use sort-free exact threshold iterations on CPU
+and GPU (see `_separation_kernels`), with closed-form backward passes.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
-from entmax import entmax15 as _entmax15_ref
-from entmax import entmax_bisect as _entmax_bisect_ref
-from entmax import sparsemax as _sparsemax_ref
+from einops import rearrange
+from torch.autograd import Function
+
+from hopformer.functional._separation_kernels import _MAX_NEWTON, EntmaxFunction, SparsemaxFunction
 
 SEPARATIONS = ("softmax", "sparsemax", "entmax15")
 Separation = Union[str, float, torch.Tensor]
+
+_ALPHA_OF = {"softmax": 1.0, "entmax15": 1.5, "sparsemax": 2.0}
+_ALLOWED = f"one of {SEPARATIONS}, a float alpha in [1, 2] (1 = softmax, 2 = sparsemax) or a tensor alpha"
+
+__all__ = [
+    "SEPARATIONS",
+    "check_separation",
+    "entmax",
+    "entmax15",
+    "is_softmax",
+    "separate",
+    "separation_conjugate",
+    "softmax",
+    "sparsemax",
+]
+
+
+# ----------------------------------------------------------------------------- validation
 
 
 def check_separation(separation: Separation) -> Separation:
     """Validate and normalise a separation spec.
 
-    Returns "softmax" | "sparsemax" | "entmax15" for names and for the floats 1.0, 2.0, 1.5,
-    a float alpha in [1, 2] otherwise, or the tensor alpha unchanged (values checked).
+    Args:
+        separation: "softmax" | "sparsemax" | "entmax15" | float alpha in [1, 2] | floating tensor
+            alpha with values in [1, 2] (its shape is checked against the scores when applied).
+
+    Returns:
+        the name for "softmax"/"sparsemax"/"entmax15" and for the floats 1.0/2.0/1.5, the float
+        alpha otherwise, or the tensor unchanged.
+
+    Raises:
+        ValueError: naming `separation`, the value received and the allowed values.
     """
     if isinstance(separation, str):
         if separation not in SEPARATIONS:
-            raise ValueError(
-                f"separation must be one of {SEPARATIONS}, a float alpha in [1, 2] or a tensor alpha; "
-                f"got {separation!r}"
-            )
+            raise ValueError(f"separation must be {_ALLOWED}; got {separation!r}")
         return separation
     if isinstance(separation, torch.Tensor):
         if not separation.is_floating_point():
-            raise ValueError(f"separation: a tensor alpha must be floating point, got dtype {separation.dtype}")
-        with torch.no_grad():
-            bad = (separation < 1) | (separation > 2) | torch.isnan(separation)
-            if bool(bad.any()):
+            raise ValueError(f"separation: a tensor alpha must be floating point; got dtype {separation.dtype}")
+        if separation.numel() and not torch.jit.is_tracing():
+            lo, hi = torch.aminmax(separation.detach())
+            if not (bool(lo >= 1.0) and bool(hi <= 2.0)):  # also False for NaN
                 raise ValueError(
-                    f"separation: tensor alpha must lie in [1, 2], got values in "
-                    f"[{separation.min().item():.4g}, {separation.max().item():.4g}]"
+                    f"separation: tensor alpha must lie in [1, 2]; got values in [{lo.item():.4g}, {hi.item():.4g}]"
                 )
         return separation
     if isinstance(separation, (int, float)) and not isinstance(separation, bool):
         alpha = float(separation)
         if not 1.0 <= alpha <= 2.0:
-            raise ValueError(
-                f"separation: alpha must lie in [1, 2] (1 = softmax, 2 = sparsemax), got {separation!r}"
-            )
-        if alpha == 1.0:
-            return "softmax"
-        if alpha == 2.0:
-            return "sparsemax"
-        if alpha == 1.5:
-            return "entmax15"
-        return alpha
-    raise ValueError(
-        f"separation must be one of {SEPARATIONS}, a float alpha in [1, 2] or a tensor alpha; "
-        f"got {separation!r} of type {type(separation).__name__}"
-    )
+            raise ValueError(f"separation: alpha must lie in [1, 2] (1 = softmax, 2 = sparsemax); got {separation!r}")
+        return {1.0: "softmax", 1.5: "entmax15", 2.0: "sparsemax"}.get(alpha, alpha)
+    raise ValueError(f"separation must be {_ALLOWED}; got {separation!r} of type {type(separation).__name__}")
 
 
 def is_softmax(separation: Separation) -> bool:
-    """True when `separation` is plain softmax ("softmax" or float alpha 1.0)."""
+    """True when `separation` is plain softmax ("softmax" or float alpha 1.0): the fused SDPA path applies."""
     if isinstance(separation, str):
         return separation == "softmax"
     if isinstance(separation, (int, float)) and not isinstance(separation, bool):
@@ -68,73 +92,221 @@ def is_softmax(separation: Separation) -> bool:
     return False
 
 
-def _prepare(scores: torch.Tensor, dim: int):
-    dtype = scores.dtype
-    z = scores.float() if dtype in (torch.float16, torch.bfloat16) else scores
-    neginf = torch.isneginf(z)
-    empty = neginf.all(dim=dim, keepdim=True)
-    zmax = torch.where(neginf, torch.zeros_like(z), z).amax(dim=dim, keepdim=True)
-    return z, neginf, empty, zmax, dtype
+def _check_scores(scores: torch.Tensor, dim: int) -> int:
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating point tensor; got {type(scores).__name__} "
+                        f"{getattr(scores, 'dtype', '')}")
+    if scores.dim() == 0 or not -scores.dim() <= dim < scores.dim():
+        raise ValueError(f"dim={dim} is out of range for scores of shape {tuple(scores.shape)}")
+    return dim % scores.dim()
 
 
-def _finish(p: torch.Tensor, neginf, empty, dtype):
-    p = torch.where(neginf | empty, torch.zeros_like(p), p)
-    return p.to(dtype)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(scores: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Size]:
+    """Scores as contiguous `(rows, n)` in the compute dtype, and the moved shape to restore."""
+    moved = scores.movedim(dim, -1)
+    rows = rearrange(moved, "... n -> (...) n").to(_compute_dtype(scores.dtype)).contiguous()
+    return rows, moved.shape
+
+
+def _unrows(rows: torch.Tensor, moved_shape: torch.Size, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return rows.reshape(moved_shape).movedim(-1, dim).to(dtype)
+
+
+def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tensor alpha (broadcastable to scores, size 1 along `dim`) as `(rows, 1)`."""
+    target = list(scores.shape)
+    target[dim] = 1
+    lead = scores.dim() - alpha.dim()
+    ok = lead >= 0
+    if ok:
+        for have, want in zip(alpha.shape, target[lead:]):
+            ok = ok and have in (1, want)
+    if not ok:
+        raise ValueError(
+            f"separation (tensor alpha) must be broadcastable to {tuple(target)} (scores {tuple(scores.shape)} "
+            f"with size 1 along dim={dim}); got shape {tuple(alpha.shape)}"
+        )
+    a = alpha.to(_compute_dtype(scores.dtype)).expand(target).movedim(dim, -1)
+    return rearrange(a, "... one -> (...) one")
+
+
+# ----------------------------------------------------------------------------- maps
 
 
 def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax; -inf entries get weight 0 and an all -inf row gives all zeros."""
-    z, neginf, empty, _, dtype = _prepare(scores, dim)
-    z = torch.where(empty, torch.zeros_like(z), z)
-    return _finish(torch.softmax(z, dim=dim), neginf, empty, dtype)
+    """Softmax along `dim` (Ramsauer et al. 2020 update); all -inf rows give zeros instead of NaN.
+
+    Args:
+        scores: floating tensor; `-inf` marks entries that must get zero weight.
+        dim: the dimension normalised onto the simplex.
+    """
+    dim = _check_scores(scores, dim)
+    cdtype = _compute_dtype(scores.dtype)
+    empty = torch.isneginf(scores.amax(dim=dim, keepdim=True))
+    if bool(empty.any()):
+        safe = scores.masked_fill(empty, 0.0)
+        return torch.softmax(safe, dim=dim, dtype=cdtype).masked_fill(empty, 0.0).to(scores.dtype)
+    return torch.softmax(scores, dim=dim, dtype=cdtype).to(scores.dtype)
 
 
 def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Sparsemax (Martins & Astudillo 2016): Euclidean projection onto the simplex."""
-    z, neginf, empty, zmax, dtype = _prepare(scores, dim)
-    z = torch.where(neginf | empty, zmax - 2.0, z)
-    return _finish(_sparsemax_ref(z, dim=dim), neginf, empty, dtype)
+    """Sparsemax along `dim` (Martins & Astudillo 2016, eq. 2): Euclidean projection onto the simplex.
+
+    Exact (sort-free support iteration), exact zeros, closed-form backward `s * (g - mean_s(g))`.
+    """
+    dim = _check_scores(scores, dim)
+    if scores.numel() == 0:
+        return scores.clone()
+    z, shape = _rows(scores, dim)
+    return _unrows(SparsemaxFunction.apply(z), shape, dim, scores.dtype)
 
 
 def entmax15(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """1.5-entmax (Peters et al. 2019)."""
-    z, neginf, empty, zmax, dtype = _prepare(scores, dim)
-    z = torch.where(neginf | empty, zmax - 3.0, z)
-    return _finish(_entmax15_ref(z, dim=dim), neginf, empty, dtype)
+    """1.5-entmax along `dim` (Peters et al. 2019, eq. 4 with alpha = 1.5), exact threshold, exact zeros."""
+    dim = _check_scores(scores, dim)
+    if scores.numel() == 0:
+        return scores.clone()
+    z, shape = _rows(scores, dim)
+    return _unrows(EntmaxFunction.apply(z, 1.5), shape, dim, scores.dtype)
 
 
-def entmax(scores: torch.Tensor, alpha, dim: int = -1, n_iter: int = 50) -> torch.Tensor:
-    """alpha-entmax, alpha in [1, 2] (float or tensor with size 1 along `dim`)."""
-    alpha = check_separation(alpha) if not isinstance(alpha, str) else alpha
-    if isinstance(alpha, str):
-        return {"softmax": softmax, "sparsemax": sparsemax, "entmax15": entmax15}[alpha](scores, dim=dim)
-    z, neginf, empty, zmax, dtype = _prepare(scores, dim)
-    a = alpha if isinstance(alpha, float) else alpha.to(z.dtype)
-    gap = 1.0 / (a - 1.0) + 1.0 if isinstance(a, float) else 1.0 / (a.clamp_min(1e-6) - 1.0 + 1e-6) + 1.0
-    z = torch.where(neginf | empty, zmax - gap, z)
-    return _finish(_entmax_bisect_ref(z, a, dim=dim, n_iter=n_iter), neginf, empty, dtype)
+def entmax(
+    scores: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    dim: int = -1,
+    n_iter: int = _MAX_NEWTON,
+    tol: Optional[float] = None,
+) -> torch.Tensor:
+    """alpha-entmax along `dim` (Peters et al. 2019, eq. 4), differentiable w.r.t. scores and alpha.
+
+    Args:
+        scores: floating tensor; `-inf` entries get weight 0.
+        alpha: float in [1, 2] or tensor broadcastable to `scores` with size 1 along `dim` (per row /
+            per head). 1 gives softmax, 2 sparsemax and 1.5 entmax15 exactly; the gradient w.r.t. a
+            tensor alpha follows Correia et al. 2019 (eq. 12-14).
+        dim: the dimension normalised onto the simplex.
+        n_iter: maximum Newton iterations for the threshold (it stops earlier once converged).
+        tol: stop when `| ||(x - tau)_+||_{1/(alpha-1)} - 1 | <= tol` (default 1e-6 in float32,
+            1e-12 in float64); the row is then renormalised to sum to one.
+    """
+    if isinstance(alpha, str) or not isinstance(alpha, (int, float, torch.Tensor)) or isinstance(alpha, bool):
+        raise ValueError(f"alpha must be a float in [1, 2] or a tensor alpha; got {alpha!r}")
+    spec = check_separation(alpha)
+    if isinstance(spec, str):
+        return {"softmax": softmax, "sparsemax": sparsemax, "entmax15": entmax15}[spec](scores, dim=dim)
+    dim = _check_scores(scores, dim)
+    if isinstance(spec, torch.Tensor):
+        a_rows = _alpha_rows(spec, scores, dim)
+    if scores.numel() == 0:
+        return scores.clone()
+    z, shape = _rows(scores, dim)
+    if tol is None:
+        tol = 1e-12 if z.dtype == torch.float64 else 1e-6
+    if isinstance(spec, float):
+        return _unrows(EntmaxFunction.apply(z, spec, tol, n_iter), shape, dim, scores.dtype)
+    ones = a_rows == 1.0
+    if bool(ones.any()):  # rows with alpha = 1 are softmax rows
+        p = EntmaxFunction.apply(z, a_rows.masked_fill(ones, 1.5), tol, n_iter)
+        p = torch.where(ones, softmax(z, dim=-1), p)
+    else:
+        p = EntmaxFunction.apply(z, a_rows, tol, n_iter)
+    return _unrows(p, shape, dim, scores.dtype)
 
 
 def separate(scores: torch.Tensor, separation: Separation, dim: int = -1) -> torch.Tensor:
-    """Apply the separation map named by `separation` along `dim`."""
-    sep = check_separation(separation)
-    if isinstance(sep, str):
-        return {"softmax": softmax, "sparsemax": sparsemax, "entmax15": entmax15}[sep](scores, dim=dim)
-    return entmax(scores, sep, dim=dim)
+    """Apply the separation map `separation` (see `check_separation`) to `scores` along `dim`."""
+    spec = check_separation(separation)
+    if isinstance(spec, str):
+        return {"softmax": softmax, "sparsemax": sparsemax, "entmax15": entmax15}[spec](scores, dim=dim)
+    return entmax(scores, spec, dim=dim)
+
+
+# ----------------------------------------------------------------------------- conjugate
+
+
+def _omega_rows(p: torch.Tensor, a: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Omega_a(p) = (sum p^a - 1) / (a (a - 1)) per row (negative Shannon entropy rows where a = 1)."""
+    plogp = lambda: torch.where(p > 0, p * torch.log(p), p.new_zeros(())).sum(-1, keepdim=True)  # noqa: E731
+    if isinstance(a, float):
+        if a == 1.0:
+            return plogp()
+        return (torch.where(p > 0, p.pow(a), p.new_zeros(())).sum(-1, keepdim=True) - 1.0) / (a * (a - 1.0))
+    one = a == 1.0
+    a_s = a.masked_fill(one, 2.0)
+    tsallis = (torch.where(p > 0, p.pow(a_s), p.new_zeros(())).sum(-1, keepdim=True) - 1.0) / (a_s * (a_s - 1.0))
+    return torch.where(one, plogp(), tsallis) if bool(one.any()) else tsallis
+
+
+def _domega_dalpha_rows(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """d Omega_a(p) / d a at fixed p; at a = 1 the limit sum p log^2 p / 2."""
+    logp = torch.where(p > 0, torch.log(p), p.new_zeros(()))
+    one = a == 1.0
+    a_s = a.masked_fill(one, 2.0)
+    pa = torch.where(p > 0, p.pow(a_s), p.new_zeros(()))
+    denom = a_s * (a_s - 1.0)
+    d = (pa * logp).sum(-1, keepdim=True) / denom - (pa.sum(-1, keepdim=True) - 1.0) * (2.0 * a_s - 1.0) / denom**2
+    return torch.where(one, 0.5 * (p * logp * logp).sum(-1, keepdim=True), d)
+
+
+def _weights_rows(z: torch.Tensor, a: Union[float, torch.Tensor]) -> torch.Tensor:
+    if isinstance(a, float):
+        return {1.0: softmax, 2.0: sparsemax, 1.5: entmax15}.get(a, lambda s, dim: entmax(s, a, dim=dim))(z, dim=-1)
+    one = a == 1.0
+    p = EntmaxFunction.apply(z, a.masked_fill(one, 1.5), 1e-12 if z.dtype == torch.float64 else 1e-6, _MAX_NEWTON)
+    return torch.where(one, softmax(z, dim=-1), p) if bool(one.any()) else p
+
+
+class _ConjugateFunction(Function):
+    """Psi*(z) per row with Danskin's gradient p* (and -dOmega/dalpha for a tensor alpha)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, a_t: Optional[torch.Tensor], a_f: float):
+        a = a_t if a_t is not None else a_f
+        with torch.no_grad():
+            p = _weights_rows(z, a)
+            empty = torch.isneginf(z.amax(-1, keepdim=True))
+            if isinstance(a, float) and a == 1.0:
+                psi = torch.logsumexp(z.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+            else:
+                zf = z.masked_fill(torch.isneginf(z), 0.0)
+                psi = torch.linalg.vecdot(p, zf).unsqueeze(-1) - _omega_rows(p, a)
+            psi = psi.masked_fill(empty, 0.0)
+        ctx.a_f = a_f
+        ctx.save_for_backward(z, p, a_t)
+        return psi
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, p, a_t = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: recompute p* differentiably
+            p = _weights_rows(z, a_t if a_t is not None else ctx.a_f)
+        dz = g * p
+        da = None
+        if a_t is not None and ctx.needs_input_grad[1]:
+            da = -g * _domega_dalpha_rows(p, a_t)
+        return dz, da, None
 
 
 def separation_conjugate(scores: torch.Tensor, separation: Separation, dim: int = -1) -> torch.Tensor:
-    """Psi*(z) = max_{p in simplex} <p, z> - Omega(p) (Tsallis Omega); reduces `dim`."""
-    sep = check_separation(separation)
-    z, neginf, empty, _, dtype = _prepare(scores, dim)
-    if sep == "softmax":
-        zz = torch.where(empty, torch.zeros_like(z), z)
-        out = torch.logsumexp(zz, dim=dim, keepdim=True)
-    else:
-        p = separate(z, sep, dim=dim)
-        alpha = {"sparsemax": 2.0, "entmax15": 1.5}.get(sep, sep) if not isinstance(sep, torch.Tensor) else sep
-        zz = torch.where(neginf, torch.zeros_like(z), z)
-        omega = (p.pow(alpha).sum(dim, keepdim=True) - 1.0) / (alpha * (alpha - 1.0))
-        out = (p * zz).sum(dim, keepdim=True) - omega
-    out = torch.where(empty, torch.zeros_like(out), out)
-    return out.squeeze(dim).to(dtype)
+    """Psi*(z) = max_{p in simplex} <p, z> - Omega(p), reducing `dim` (the energies' lse generalised).
+
+    Omega is the negative Shannon entropy for softmax (Psi* = logsumexp), `0.5 ||p||^2 - 0.5` for
+    sparsemax, and the Tsallis `(sum p^a - 1) / (a (a - 1))` for alpha-entmax (Peters et al. 2019;
+    Hu et al. 2023, eq. 2.3; Wu et al. 2024). Its gradient w.r.t. `scores` is `separate(scores)`
+    (Danskin); for a tensor alpha the gradient w.r.t. alpha is `-dOmega/dalpha` at p*. `-inf`
+    entries are ignored; an all `-inf` row has no feasible p and is given the value 0.
+
+    Returns:
+        tensor of `scores.shape` without `dim`, in the dtype of `scores`.
+    """
+    spec = check_separation(separation)
+    dim = _check_scores(scores, dim)
+    a_t = _alpha_rows(spec, scores, dim) if isinstance(spec, torch.Tensor) else None
+    a_f = _ALPHA_OF.get(spec, spec) if a_t is None else 0.0
+    z, shape = _rows(scores, dim)
+    psi = _ConjugateFunction.apply(z, a_t, float(a_f))
+    return psi.reshape(shape[:-1]).to(scores.dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..functional.continuous import (
@@ -28,9 +29,17 @@ from ..functional.continuous import (
     ridge_factor,
     trapezoid_rule,
 )
+from .adapters import HopfieldAttention
 from .hopfield import Hopfield, _positive_int
 
-__all__ = ["RectangularBasis", "GaussianBasis", "ContinuousHopfield", "make_basis"]
+__all__ = [
+    "RectangularBasis",
+    "GaussianBasis",
+    "ContinuousMemory",
+    "ContinuousHopfield",
+    "ContinuousHopfieldAttention",
+    "make_basis",
+]
 
 
 class RectangularBasis(nn.Module):
@@ -119,23 +128,143 @@ def make_basis(basis: str | nn.Module, num_basis: int) -> nn.Module:
     raise ValueError(f"basis must be 'rectangular', 'gaussian' or a basis module, got {basis!r}")
 
 
-class ContinuousHopfield(Hopfield):
-    """Multi-head Hopfield association with continuous-time memories (Santos et al. 2025).
-
-    Same constructor style and forward signature as :class:`hopformer.layers.Hopfield` (its
-    projections, heads and beta), plus:
+class ContinuousMemory(nn.Module):
+    """The continuous-time memory of one layer: basis, cached ridge factor, quadrature, retrieval.
 
     Args:
-        dim, num_heads: as :class:`Hopfield`.
-        num_basis: number of basis functions ``N`` (>= 1) the ``L`` keys/values are compressed to.
-        basis: ``"rectangular"`` (paper), ``"gaussian"``, or a basis module (``RectangularBasis``,
-            ``GaussianBasis``).
+        num_basis: number of basis functions ``N`` (>= 1) the ``L`` memories are compressed to.
+        basis: ``"rectangular"`` (paper), ``"gaussian"``, or a basis module.
         ridge: ridge penalty ``lambda >= 0`` of eq. (5).
         num_points: trapezoid points ``K`` (>= 2) for the integrals of eqs. (7)-(8) (paper: 500).
         integration: ``"auto"`` (exact closed form for boxes, trapezoid otherwise), ``"exact"``
             (boxes only) or ``"trapezoid"``.
         clip_basis: use ``min(N, L)`` functions when a memory set is shorter than ``N`` (fixed
-            bases only); compressing to more functions than memories only adds empty boxes.
+            bases only); more functions than memories only adds empty boxes.
+    """
+
+    def __init__(
+        self,
+        num_basis: int = 16,
+        basis: str | nn.Module = "rectangular",
+        ridge: float = 1e-3,
+        num_points: int = 500,
+        integration: str = "auto",
+        clip_basis: bool = True,
+    ) -> None:
+        super().__init__()
+        self.basis = make_basis(basis, _positive_int("num_basis", num_basis))
+        self.num_basis = self.basis.num_basis
+        if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge >= 0:
+            raise ValueError(f"ridge (lambda of eq. 5) must be >= 0, got {ridge!r}")
+        if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
+            raise ValueError(f"num_points (K, trapezoid points) must be an integer >= 2, got {num_points!r}")
+        if integration not in ("auto", "exact", "trapezoid"):
+            raise ValueError(f"integration must be 'auto', 'exact' or 'trapezoid', got {integration!r}")
+        if integration == "exact" and not isinstance(self.basis, RectangularBasis):
+            raise ValueError("integration='exact' has a closed form only for the rectangular basis")
+        self.ridge, self.num_points, self.clip_basis = float(ridge), num_points, clip_basis
+        self.exact = integration == "exact" or (integration == "auto" and isinstance(self.basis, RectangularBasis))
+        self._cache: dict = {}
+
+    def basis_for(self, length: int) -> nn.Module:
+        """The basis used for ``length`` memories (``min(N, L)`` functions when clipping)."""
+        if self.clip_basis and not getattr(self.basis, "learnable", False) and length < self.num_basis:
+            return self.basis.resized(length)
+        return self.basis
+
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.double(): cached tensors must follow
+        self._cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def ridge_factor(self, length: int, dtype: torch.dtype, device) -> Tensor:
+        """The ``(N, L)`` factor ``(F F^T + lambda I)^-1 F`` of eq. (5), cached per ``(L, N, lambda, basis)``."""
+        basis = self.basis_for(length)
+        if getattr(basis, "learnable", False):
+            return ridge_factor(basis(memory_positions(length, dtype=dtype, device=device)).T, self.ridge)
+
+        def build() -> Tensor:  # solved once in float64 (Cholesky), then cast
+            t = memory_positions(length, dtype=torch.float64, device=device)
+            return ridge_factor(basis.to(device)(t).to(torch.float64).T, self.ridge).to(dtype)
+
+        return self._cached(("factor", length, basis.cache_key, self.ridge, dtype, device), build)
+
+    def quadrature(self, length: int, dtype, device) -> tuple[Tensor | None, Tensor | None]:
+        """``psi`` at the ``K`` trapezoid nodes ``(K, N)`` and the weights ``(K,)``; ``(None, None)`` when exact."""
+        if self.exact:
+            return None, None
+        basis = self.basis_for(length)
+
+        def build():
+            nodes, weights = trapezoid_rule(self.num_points, dtype=dtype, device=device)
+            return basis.to(device)(nodes).to(dtype), weights
+
+        if getattr(basis, "learnable", False):
+            return build()
+        return self._cached(("quad", self.num_points, basis.cache_key, dtype, device), build)
+
+    def compress(self, memories: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Basis coefficients (eq. 5): ``(B, H, L, d) -> (B, H, N, d)``; padded memories left out."""
+        length = memories.shape[-2]
+        if length == 0:
+            raise ValueError(f"memories must hold at least one pattern, got shape {tuple(memories.shape)}")
+        if key_padding_mask is None:
+            return ridge_coefficients(memories, self.ridge_factor(length, memories.dtype, memories.device))
+        valid = ~key_padding_mask if key_padding_mask.dtype == torch.bool else ~torch.isinf(key_padding_mask)
+        return masked_ridge_coefficients(memories, valid, self.basis_for(length).to(memories.device), self.ridge)
+
+    def retrieve(self, q: Tensor, k: Tensor, v: Tensor, *, beta, steps: int = 1, eps: float | None = None,
+                 key_padding_mask: Tensor | None = None, dropout: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Gibbs retrieval (eqs. 7-8) of queries ``(B, H, Lq, d)`` from the compressed ``k``, ``v``.
+
+        Returns the read-out ``(B, H, Lq, d_v)`` and the responsibilities ``(B, H, Lq, N)``.
+        """
+        coef_k, coef_v = self.compress(k, key_padding_mask), self.compress(v, key_padding_mask)
+        psi, weights = self.quadrature(k.shape[-2], q.dtype, q.device)
+        out, resp = continuous_retrieve(q, coef_k, coef_v, beta=beta, psi=psi, quad_weights=weights,
+                                        steps=steps, eps=eps, return_association=True)
+        if dropout > 0:
+            out = torch.matmul(nn.functional.dropout(resp, p=dropout), coef_v)
+        return out, resp
+
+    def energy(self, q: Tensor, k: Tensor, *, beta, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Energy (6) of queries ``(B, H, Lq, d)`` against the compressed keys: ``(B, H, Lq)``."""
+        coef = self.compress(k, key_padding_mask)
+        psi, weights = self.quadrature(k.shape[-2], q.dtype, q.device)
+        return continuous_energy(q, coef, beta=beta, psi=psi, quad_weights=weights)
+
+    def extra_repr(self) -> str:
+        how = "exact" if self.exact else f"trapezoid(K={self.num_points})"
+        return f"num_basis={self.num_basis}, ridge={self.ridge}, integration={how}"
+
+
+_MEMORY_OPTIONS = ("num_basis", "basis", "ridge", "num_points", "integration", "clip_basis")
+
+_ATTN_MASK_ERROR = (
+    "continuous-time memory compresses the keys into basis coefficients, so an attn_mask (or is_causal) over "
+    "discrete keys has no meaning after compression; use key_padding_mask (applied before compression) or a "
+    "discrete Hopfield layer"
+)
+
+
+class ContinuousHopfield(Hopfield):
+    """Multi-head Hopfield association with continuous-time memories (Santos et al. 2025).
+
+    Same constructor style and forward signature as :class:`hopformer.layers.Hopfield` (its
+    projections, heads and beta), plus the :class:`ContinuousMemory` options.
+
+    Args:
+        dim, num_heads: as :class:`Hopfield`.
+        num_basis: number of basis functions ``N`` the ``L`` keys/values are compressed to.
+        basis: ``"rectangular"`` (paper), ``"gaussian"``, or a basis module.
+        ridge: ridge penalty ``lambda >= 0`` of eq. (5).
+        num_points: trapezoid points ``K`` (>= 2) (paper: 500).
+        integration: ``"auto"``, ``"exact"`` (boxes) or ``"trapezoid"``.
+        clip_basis: use ``min(N, L)`` functions for memory sets shorter than ``N``.
         **kwargs: the other :class:`Hopfield` arguments (``stored_dim``, ``value_dim``, ``head_dim``,
             ``out_dim``, ``beta``, ``learnable_beta``, ``update_steps``, ``eps``, ``dropout``,
             ``bias``, ``project``), except ``separation`` (the Gibbs density is a continuous softmax).
@@ -143,7 +272,7 @@ class ContinuousHopfield(Hopfield):
     Masks: ``key_padding_mask`` (``True`` = ignore) removes padded memories *before* compression;
     the valid ones of each set are re-spaced over [0, 1]. ``attn_mask`` addresses individual
     discrete keys, which no longer exist after compression: passing one raises ``ValueError``.
-    ``dropout`` acts on the basis responsibilities. ``return_association`` returns
+    ``dropout`` acts on the basis responsibilities. ``return_association`` returns the
     ``(B, heads, Lq, N)`` responsibilities ``int p(t) psi(t) dt`` over the basis functions.
     """
 
@@ -163,82 +292,11 @@ class ContinuousHopfield(Hopfield):
         if "separation" in kwargs:
             raise TypeError("ContinuousHopfield retrieves with the Gibbs density (a continuous softmax); no separation argument")
         super().__init__(dim, num_heads, **kwargs)
-        self.basis = make_basis(basis, _positive_int("num_basis", num_basis))
-        self.num_basis = self.basis.num_basis
-        if not isinstance(ridge, (int, float)) or not ridge >= 0:
-            raise ValueError(f"ridge (lambda of eq. 5) must be >= 0, got {ridge!r}")
-        if not isinstance(num_points, int) or num_points < 2:
-            raise ValueError(f"num_points (K, trapezoid points) must be an integer >= 2, got {num_points!r}")
-        if integration not in ("auto", "exact", "trapezoid"):
-            raise ValueError(f"integration must be 'auto', 'exact' or 'trapezoid', got {integration!r}")
-        if integration == "exact" and not isinstance(self.basis, RectangularBasis):
-            raise ValueError("integration='exact' has a closed form only for the rectangular basis")
-        self.ridge, self.num_points, self.clip_basis = float(ridge), num_points, clip_basis
-        self.exact = integration == "exact" or (integration == "auto" and isinstance(self.basis, RectangularBasis))
-        self._cache: dict = {}
-
-    # -- basis, factor and quadrature, cached per (L, N, lambda, basis, dtype, device) ----------
-    def _basis_for(self, length: int) -> nn.Module:
-        learnable = getattr(self.basis, "learnable", False)
-        if self.clip_basis and not learnable and length < self.num_basis:
-            return self.basis.resized(length)
-        return self.basis
-
-    def _cached(self, key: tuple, build):
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    def ridge_factor(self, length: int, dtype: torch.dtype, device) -> Tensor:
-        """The ``(N, L)`` factor ``(F F^T + lambda I)^-1 F`` of eq. (5) for ``L = length`` memories."""
-        basis = self._basis_for(length)
-
-        def build() -> Tensor:
-            t = memory_positions(length, dtype=torch.float64, device=device)
-            design = basis.to(device)(t).to(torch.float64).T
-            return ridge_factor(design, self.ridge).to(dtype)
-
-        if getattr(basis, "learnable", False):
-            t = memory_positions(length, dtype=dtype, device=device)
-            return ridge_factor(basis(t).T, self.ridge)
-        return self._cached(("factor", length, basis.cache_key, self.ridge, dtype, device), build)
-
-    def quadrature(self, num_basis_used: int, basis: nn.Module, dtype, device) -> tuple[Tensor | None, Tensor | None]:
-        """``psi`` at the ``K`` trapezoid nodes ``(K, N)`` and the weights ``(K,)``; ``(None, None)`` when exact."""
-        if self.exact:
-            return None, None
-
-        def build():
-            nodes, weights = trapezoid_rule(self.num_points, dtype=dtype, device=device)
-            return basis.to(device)(nodes).to(dtype), weights
-
-        if getattr(basis, "learnable", False):
-            return build()
-        return self._cached(("quad", self.num_points, basis.cache_key, dtype, device), build)
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.double(): cached tensors must follow
-        self._cache = {}
-        return super()._apply(fn, *args, **kwargs)
-
-    # -- compression and retrieval -------------------------------------------------------------
-    def compress(self, memories: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Basis coefficients of projected memories: ``(B, H, L, d) -> (B, H, N, d)`` (eq. 5)."""
-        length = memories.shape[-2]
-        if key_padding_mask is None:
-            return ridge_coefficients(memories, self.ridge_factor(length, memories.dtype, memories.device))
-        if key_padding_mask.dtype != torch.bool:
-            valid = ~torch.isinf(key_padding_mask)  # additive float mask: -inf = ignored
-        else:
-            valid = ~key_padding_mask
-        basis = self._basis_for(length).to(memories.device)
-        return masked_ridge_coefficients(memories, valid, basis, self.ridge)
+        self.memory = ContinuousMemory(num_basis, basis, ridge, num_points, integration, clip_basis)
 
     def _prepare(self, state, stored, values, key_padding_mask, attn_mask):
         if attn_mask is not None:
-            raise ValueError(
-                "ContinuousHopfield compresses the keys into basis coefficients, so an attn_mask over discrete keys has "
-                "no meaning after compression; use key_padding_mask (applied before compression) or a discrete Hopfield layer"
-            )
+            raise ValueError(_ATTN_MASK_ERROR)
         stored = state if stored is None else stored
         values = stored if values is None else values
         self._check_inputs(state, stored, values)
@@ -271,14 +329,10 @@ class ContinuousHopfield(Hopfield):
         """
         stored, values = self._prepare(state, stored, values, key_padding_mask, attn_mask)
         q, k, v = self.project_query(state), self.project_keys(stored), self.project_values(values)
-        coef_k, coef_v = self.compress(k, key_padding_mask), self.compress(v, key_padding_mask)
-        psi, weights = self.quadrature(coef_k.shape[-2], self._basis_for(stored.shape[1]), q.dtype, q.device)
-        retrieved, resp = continuous_retrieve(
-            q, coef_k, coef_v, beta=self.beta(), psi=psi, quad_weights=weights,
-            steps=self.update_steps, eps=self.eps, return_association=True,
+        retrieved, resp = self.memory.retrieve(
+            q, k, v, beta=self.beta(), steps=self.update_steps, eps=self.eps, key_padding_mask=key_padding_mask,
+            dropout=self.dropout if self.training else 0.0,
         )
-        if self.training and self.dropout > 0:
-            retrieved = torch.matmul(nn.functional.dropout(resp, p=self.dropout), coef_v)
         out = self.project_output(retrieved)
         return (out, resp) if return_association else out
 
@@ -286,12 +340,47 @@ class ContinuousHopfield(Hopfield):
         """Energy (6) of each projected state pattern per head, ``(B, heads, Lq)``."""
         stored, _ = self._prepare(state, stored, None, key_padding_mask, None)
         q, k = self.project_query(state), self.project_keys(stored)
-        coef = self.compress(k, key_padding_mask)
-        psi, weights = self.quadrature(coef.shape[-2], self._basis_for(stored.shape[1]), q.dtype, q.device)
-        return continuous_energy(q, coef, beta=self.beta(), psi=psi, quad_weights=weights)
+        return self.memory.energy(q, k, beta=self.beta(), key_padding_mask=key_padding_mask)
 
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_heads={self.num_heads}, num_basis={self.num_basis}, ridge={self.ridge}, "
-            f"integration={'exact' if self.exact else f'trapezoid(K={self.num_points})'}"
-        )
+
+class ContinuousHopfieldAttention(HopfieldAttention):
+    """timm's ViT ``Attention`` (``x -> x``) whose tokens are retrieved from a continuous-time memory.
+
+    Same constructor, parameters and state dict as :class:`hopformer.layers.HopfieldAttention`
+    (timm's ``Attention`` plus ``beta``, ``learnable_beta``, ``update_steps``, ``eps``), plus the
+    :class:`ContinuousMemory` options ``num_basis``, ``basis``, ``ridge``, ``num_points``,
+    ``integration``, ``clip_basis``. ``attn_mask``/``is_causal`` raise ``ValueError`` (no discrete
+    keys after compression). Use ``ContinuousHopfieldAttention.configure(num_basis=...)`` as
+    ``VisionTransformer``'s ``attn_layer``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
+        options = {**self._defaults, **kwargs}
+        if "separation" in options:
+            raise TypeError("ContinuousHopfieldAttention retrieves with the Gibbs density; no separation argument")
+        memory = {name: options.pop(name) for name in _MEMORY_OPTIONS if name in options}
+        object.__setattr__(self, "_defaults", {})  # the parent must not re-read the continuous options
+        super().__init__(dim, num_heads, *args, **options)
+        self.memory = ContinuousMemory(**memory)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                return_association: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``x`` ``(B, N, dim)`` -> ``(B, N, dim_out)`` (and the responsibilities ``(B, heads, N, num_basis)``)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError(_ATTN_MASK_ERROR)
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (batch, tokens, dim), got {tuple(x.shape)}")
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self._qkv(x)
+        out, resp = self.memory.retrieve(q, k, v, beta=self.beta(), steps=self.update_steps, eps=self.eps,
+                                         dropout=self.attn_drop.p if self.training else 0.0)
+        out = self.norm(rearrange(out, "b h n d -> b n (h d)"))
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(self.proj(out))
+        return (out, resp) if return_association else out
+
+    def energy(self, x: Tensor) -> Tensor:
+        """Energy (6) of each token's query against the compressed keys, ``(B, heads, N)``."""
+        q, k, _ = self._qkv(x)
+        return self.memory.energy(q, k, beta=self.beta())

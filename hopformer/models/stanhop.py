@@ -337,4 +337,4 @@ class STanHopNet(nn.Module):
             queries, patches = layer(queries, cross)
             prediction = prediction + patches
         forecast = rearrange(prediction, "b c s p -> b (s p) c")
-        return forecast[:, : self.horizon]
+        return forecast[:, : self.horizon].contiguous()

@@ -106,7 +106,7 @@ class ForecastingModule(L.LightningModule):
             pred = pred[..., -y.shape[-1] :]
         if pred.shape != y.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} does not match target {tuple(y.shape)}")
-        return pred
+        return pred.contiguous()
 
     def _predict(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self._align(self.model(batch["x"]), batch["y"]), batch["y"]

@@ -1,0 +1,154 @@
+"""``train.py``: the project's LightningCLI (subclass mode for both the model and the data).
+
+    python train.py                                   # fit configs/default.yaml, then test the best checkpoint
+    python train.py fit --config configs/<name>.yaml  # any experiment
+    python train.py test --config configs/<name>.yaml --ckpt_path runs/<name>/version_0/checkpoints/best.ckpt
+    python train.py validate|predict ...              # the other Lightning subcommands
+    python train.py fit --config ... --ckpt_path last.ckpt   # resume
+
+What this CLI adds to ``LightningCLI``:
+
+- ``seed_everything`` defaults to 0 (workers seeded too); the parsed config is saved to the run
+  directory (``config.yaml``, LightningCLI's ``SaveConfigCallback``).
+- Loggers: unless ``trainer.logger`` is set, a ``CSVLogger`` and a ``TensorBoardLogger`` both writing
+  to ``<trainer.default_root_dir>/version_<n>`` (default root ``runs/``). wandb through the config
+  (``lightning.pytorch.loggers.WandbLogger`` with ``offline: true``, or ``WANDB_MODE=offline``);
+  ``WANDB_DIR`` defaults to the run root so nothing is written to ``~/.cache``.
+- Callbacks: ``RichProgressBar`` (unless ``trainer.enable_progress_bar: false``),
+  ``LearningRateMonitor`` (when logging), and ``ModelCheckpoint`` configured under ``checkpoint:``
+  whose ``monitor``/``mode`` default to the module class attributes ``monitor``/``monitor_mode``
+  (``val_acc``/max for classification); it keeps ``best.ckpt``-style files and ``last.ckpt``.
+- Checks before any work: the module's ``check_datamodule(datamodule)`` (image size, channels,
+  classes); unknown model names and missing data folders fail when the classes are built.
+- ``--test_after_fit true``: after ``fit``, validate and test the best checkpoint and print the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+__all__ = ["HopformerCLI", "main", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def default_loggers(root: str | os.PathLike) -> list[Logger]:
+    """A CSV and a TensorBoard logger sharing one ``<root>/version_<n>`` directory."""
+    csv = CSVLogger(save_dir=str(root), name="")
+    tensorboard = TensorBoardLogger(save_dir=str(root), name="", version=csv.version, default_hp_metric=False)
+    return [csv, tensorboard]
+
+
+class HopformerCLI(LightningCLI):
+    """LightningCLI with the project's defaults (see the module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": None,
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}-{step:06d}",
+                "trainer.default_root_dir": "runs",
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="after fit: validate and test the best checkpoint and print validation and test metrics",
+        )
+
+    def _subconfig(self, config: Any) -> Any:
+        return config.get(str(self.subcommand), config) if self.subcommand else config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._subconfig(self.config)
+        model_cls = _import(getattr(cfg.model, "class_path", "") or "")
+        if cfg.get("checkpoint") is not None and cfg.checkpoint.monitor is None and model_cls is not None:
+            cfg.checkpoint.monitor = getattr(model_cls, "monitor", None)
+            cfg.checkpoint.mode = getattr(model_cls, "monitor_mode", cfg.checkpoint.mode)
+        root = cfg.trainer.default_root_dir or "runs"
+        os.environ.setdefault("WANDB_DIR", str(root))
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root = trainer_cfg.get("default_root_dir") or "runs"
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(root)
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        if trainer_cfg.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _check(self) -> None:
+        check = getattr(self.model, "check_datamodule", None)
+        if callable(check):
+            check(self.datamodule)
+
+    before_validate = before_test = before_predict = _check
+
+    def before_fit(self) -> None:
+        self._check()
+
+    def after_fit(self) -> None:
+        if not self._subconfig(self.config).get("test_after_fit", False):
+            return
+        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+        val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        if self.trainer.is_global_zero:
+            where = self.trainer.checkpoint_callback.best_model_path if ckpt else "last weights"
+            print(f"\nBest checkpoint: {where}")
+            for name, results in (("validation", val), ("test", test)):
+                for key, value in sorted((results[0] if results else {}).items()):
+                    print(f"  {name:<10} {key:<12} {value:.4f}")
+            accs = {k: v for r in (val, test) for k, v in (r[0] if r else {}).items() if k.endswith("_acc")}
+            if accs:
+                print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
+
+
+def main(args: list[str] | None = None) -> HopformerCLI:
+    """Entry point of ``train.py``. With no arguments: fit ``configs/default.yaml`` and test the best model."""
+    if args is None and len(sys.argv) <= 1:
+        if not DEFAULT_CONFIG.is_file():
+            raise FileNotFoundError(f"default config not found at '{DEFAULT_CONFIG}'; pass a subcommand and --config")
+        args = ["fit", "--config", str(DEFAULT_CONFIG), "--test_after_fit", "true"]
+    try:
+        cli = HopformerCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
+    return cli
+

@@ -1,0 +1,211 @@
+"""Image-classification LightningModule for Hopfield ViTs and ViH (stage II of U-Hop's Algorithm 2).
+
+The module is an ordinary Lightning module (automatic optimisation: AdamW by default, cosine
+schedule with linear warm-up). Add :class:`hopformer.training.UHopSeparation` to the trainer's
+callbacks for the two-stage U-Hop optimisation: the callback runs stage I before each step and this
+module's optimizer performs stage II on all parameters. Without U-Hop layers (or without the
+callback) training is the usual single stage.
+
+Logged: ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc``
+(torchmetrics), and the learnable ``alpha`` / ``beta`` of Hopfield layers (``hopfield/<layer>/alpha``).
+The learning rate is logged by ``LearningRateMonitor`` (added by ``train.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Mapping
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .. import models as _models  # noqa: F401  (registers the Hopfield ViTs and ViH with timm)
+
+__all__ = ["ClassificationModule", "expected_input", "build_backbone"]
+
+NO_WEIGHT_DECAY = ("bias", "norm", "cls_token", "pos_embed", "alpha", "beta")
+
+
+def build_backbone(name: str, num_classes: int, kwargs: Mapping[str, Any] | None) -> nn.Module:
+    """``timm.create_model(name, num_classes=..., **kwargs)`` with a clear error for unknown names."""
+    if not timm.is_model(name):
+        hopfield = sorted(timm.list_models("hopfield_vit_*") + timm.list_models("vih*"))
+        raise ValueError(
+            f"unknown model {name!r}: expected a timm model name, e.g. one of the Hopfield models {hopfield}"
+        )
+    return timm.create_model(name, num_classes=num_classes, **dict(kwargs or {}))
+
+
+def expected_input(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
+    """``(channels, (height, width))`` a timm ViT or a ViH expects (``None`` where unknown)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None) or getattr(model, "img_size", None)
+    channels = getattr(model, "in_chans", None)
+    proj = getattr(embed, "proj", embed)
+    if channels is None and isinstance(proj, nn.Conv2d):
+        channels = proj.in_channels
+    if size is not None and getattr(embed, "dynamic_img_size", False):
+        size = None
+    return channels, (tuple(size) if size is not None else None)  # type: ignore[return-value]
+
+
+class ClassificationModule(L.LightningModule):
+    """Train a timm-registered image classifier (Hopfield ViT, ViH or any timm model).
+
+    Args:
+        backbone: timm model name, e.g. ``"hopfield_vit_tiny_patch4_32"`` or ``"vih_patch4_32"``.
+        num_classes: number of classes (must match the data module).
+        backbone_kwargs: further ``timm.create_model`` arguments (``separation``, ``attention``,
+            ``attn_kwargs``, ``img_size``, ``depth``, ``drop_rate``, ...).
+        optimizer: stage-II optimizer, ``"adamw"`` (default), ``"adam"`` (paper) or ``"sgd"``.
+        lr: stage-II learning rate (paper: Adam 1e-3).
+        weight_decay: weight decay of weight matrices (not of biases, norms, tokens, alpha, beta).
+        scheduler: ``"cosine"`` (per step, after ``warmup_epochs`` of linear warm-up) or ``"none"``.
+        warmup_epochs: linear warm-up length in epochs (may be fractional).
+        label_smoothing: cross-entropy label smoothing.
+        init_checkpoint: optional state dict file (``torch.save``'d, or a Lightning checkpoint) loaded
+            into the backbone before training, e.g. a plain timm ViT of the same shape.
+    """
+
+    monitor = "val_acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: str = "hopfield_vit_nano_patch2_8",
+        num_classes: int = 10,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        warmup_epochs: float = 0.0,
+        label_smoothing: float = 0.0,
+        init_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw', 'adam' or 'sgd', got {optimizer!r}")
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.save_hyperparameters()
+        self.model = build_backbone(backbone, num_classes, backbone_kwargs)
+        if init_checkpoint is not None:
+            self._load_init(init_checkpoint)
+        self.num_classes = num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def _load_init(self, path: str) -> None:
+        from ..models.vit import load_vit_state_dict
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        load_vit_state_dict(self.model, state)
+
+    # ------------------------------------------------------------------ checks
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise ``ValueError`` before training when the data does not fit the model."""
+        if datamodule is None:
+            return
+        classes = getattr(datamodule, "num_classes", None)
+        if classes and classes != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the data module {type(datamodule).__name__} "
+                f"has {classes} classes: set model.init_args.num_classes={classes}"
+            )
+        channels, size = expected_input(self.model)
+        data_size = getattr(datamodule, "image_size", None)
+        if size is not None and data_size and tuple(size) != (data_size, data_size):
+            raise ValueError(
+                f"image size mismatch: model {self.hparams.backbone!r} accepts {size[0]}x{size[1]} images, "
+                f"the data module {type(datamodule).__name__} gives {data_size}x{data_size}: set "
+                f"model.init_args.backbone_kwargs.img_size={data_size} or choose a model for that size"
+            )
+        data_channels = getattr(datamodule, "num_channels", None)
+        if channels is not None and data_channels and channels != data_channels:
+            raise ValueError(
+                f"channel mismatch: model {self.hparams.backbone!r} takes {channels}-channel images, the data "
+                f"module gives {data_channels}: set model.init_args.backbone_kwargs.in_chans={data_channels}"
+            )
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        metric = getattr(self, f"{stage}_acc")
+        metric(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=not on_step)
+        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._step(batch, "train")
+        if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._log_temperatures()
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).argmax(dim=-1)
+
+    def _log_temperatures(self) -> None:
+        """Log learnable alpha (entmax) and beta (inverse temperature), averaged over heads."""
+        for name, module in self.model.named_modules():
+            alpha = getattr(module, "alpha", None)
+            if isinstance(alpha, nn.Module) and any(p.requires_grad for p in alpha.parameters()):
+                self.log(f"hopfield/{name}/alpha", alpha().detach().float().mean(), on_step=True, on_epoch=False)
+            beta = getattr(module, "beta", None)
+            if isinstance(beta, nn.Module) and getattr(beta, "learnable", False):
+                self.log(f"hopfield/{name}/beta", torch.as_tensor(beta()).detach().float().mean(), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or any(t in name for t in NO_WEIGHT_DECAY) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        name, lr = self.hparams.optimizer, self.hparams.lr
+        if name == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr)
+        elif name == "adam":
+            opt = torch.optim.Adam(groups, lr=lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+        if self.hparams.scheduler == "none":
+            return opt
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = int(self.hparams.warmup_epochs * total / epochs)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
