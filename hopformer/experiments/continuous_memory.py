@@ -80,13 +80,13 @@ def cifar_signals(data_dir: Path, count: int, length: int, seed: int = 0) -> tor
 
 
 def corrupt(memories: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Queries: the second half of the features zeroed (``mask``), or Gaussian noise of the memories' std."""
+    """Queries: the second half of the features zeroed (``mask``), or Gaussian noise (``noise<k>``: std ``k`` x the data's)."""
     if kind == "mask":
         query = memories.clone()
         query[..., memories.shape[-1] // 2 :] = 0.0
         return query
-    std = memories.std()
-    return memories + std * torch.randn(memories.shape, generator=gen, dtype=memories.dtype)
+    scale = float(kind.removeprefix("noise")) * memories.std()
+    return memories + scale * torch.randn(memories.shape, generator=gen, dtype=memories.dtype)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--beta", type=float, nargs="+", default=None,
                         help="inverse temperature per source (default 4 / sqrt(D) ... see docs)")
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 3.0], help="noise std in units of the data std")
     parser.add_argument("--ridge", type=float, default=1e-3)
     parser.add_argument("--sources", nargs="+", default=["synthetic", "etth1", "cifar-pan"])
     parser.add_argument("--gaussian", action="store_true", help="also Gaussian RBFs with the trapezoid rule")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> Path:
             dim = data.shape[-1]
             beta = 4.0 / dim**0.5 if args.beta is None else args.beta[0]
             pick = torch.linspace(0, length - 1, min(args.queries, length)).round().long()
-            for kind in ("mask", "noise"):
+            for kind in ["mask"] + [f"noise{k:g}" for k in args.noise]:
                 queries = corrupt(data, kind, gen)[:, pick]
                 for n in args.num_basis:
                     if n > length:
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     for source in {r["source"] for r in rows}:
-        for kind in ("mask", "noise"):
+        for kind in sorted({r["corruption"] for r in rows}):
             sel = [r for r in rows if r["source"] == source and r["corruption"] == kind]
             lengths = sorted({r["L"] for r in sel})
             fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.8), squeeze=False)

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> Path:
     cut = args.scene_length if args.frames > args.scene_length else 1
     traced = (1, cut, min(cut + 1, args.frames - 1))
     rows = []
-    fast, t_fast = _timed(memory, "cccp", trace=True)
+    fast, t_fast = _timed(memory, "cccp")
+    fast.energy = memory.step_energies(fast.states)
     rows.append({"solver": "cccp-batched", "frames": args.frames, "seconds": t_fast, "sweeps": fast.iterations[0],
                  **evaluate(memory, main_frames, fast.states)})
     memory.batched = False
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> Path:
     memory.batched = True
     n_f = min(args.faithful_frames, args.frames)
     faithful_memory = TemporalSequenceMemory(lambda_f=500.0, sigma=2.0).store(_centred(main_frames[:n_f]))
-    slow, t_slow = _timed(faithful_memory, "lbfgs", trace=True, trace_steps=tuple(m for m in traced if m < n_f))
+    slow, t_slow = _timed(faithful_memory, "lbfgs", trace_steps=tuple(m for m in traced if m < n_f))
+    slow.energy = faithful_memory.step_energies(slow.states)
     rows.append({"solver": "lbfgs-b", "frames": n_f, "seconds": t_slow, "sweeps": float(np.mean(slow.iterations)),
                  **evaluate(faithful_memory, main_frames[:n_f], slow.states)})
     agree = (slow.states - faithful_memory.retrieve(solver="cccp").states).abs().max().item()

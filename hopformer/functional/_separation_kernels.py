@@ -24,7 +24,7 @@ Correia et al. 2019 (Adaptively sparse transformers, eq. 12-14).
 
 from __future__ import annotations
 
-from typing import Iterator, Union
+from typing import Iterator, Tuple, Union
 
 import torch
 from torch.autograd import Function
@@ -62,24 +62,29 @@ def _pick(e: Exponent, sl: slice) -> Exponent:
 # ----------------------------------------------------------------------------- sparsemax
 
 
-def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor) -> None:
-    """Write sparsemax of the rows of `x` into `out` (same shape)."""
+def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write sparsemax of the rows of `x` into `out` (same shape); return the thresholds `(c, 1)`.
+
+    Michelot's iteration from `tau = max - 1` (a lower bound of the threshold): the support
+    `{x > tau}` shrinks until it is stable, and then `tau` is exact. Counts use `sign` of the
+    clipped values (float ops; boolean tensors are several times slower on CPU).
+    """
     tau = _row_max(x) - 1.0
     prev = None
     for _ in range(x.shape[-1] + 2):
-        torch.sub(x, tau, out=out).clamp_(min=0)
-        cnt = (out > 0).sum(dim=-1, keepdim=True)
+        r = torch.sub(x, tau, out=out).relu_()
+        cnt = torch.sign(r).sum(dim=-1, keepdim=True)
         if prev is not None and torch.equal(cnt, prev):
-            return
-        tau = tau + (out.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1)
+            return tau
+        tau = tau + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1.0)
         prev = cnt
     raise RuntimeError("sparsemax support iteration did not converge (please report)")
 
 
 def _sparsemax_backward_rows(p: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
-    support = p > 0
-    gs = g * support
-    mean = gs.sum(dim=-1, keepdim=True) / support.sum(dim=-1, keepdim=True).clamp_min(1)
+    """out = s * (g - mean_s(g)), s the support indicator (Martins & Astudillo 2016, eq. 14)."""
+    support = torch.sign(p)
+    mean = torch.linalg.vecdot(g, support).unsqueeze(-1) / support.sum(dim=-1, keepdim=True).clamp_min(1.0)
     torch.sub(g, mean, out=out).mul_(support)
 
 
@@ -107,57 +112,73 @@ class SparsemaxFunction(Function):
 # ----------------------------------------------------------------------------- alpha-entmax
 
 
-def _entmax_rows(x: torch.Tensor, e: Exponent, out: torch.Tensor, tol: float, max_iter: int) -> None:
+def _entmax_rows(
+    x: torch.Tensor, e: Exponent, out: torch.Tensor, tol: float, max_iter: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Write alpha-entmax of the rows of `x = (alpha - 1) z` into `out`, `e = 1 / (alpha - 1)`.
 
+    Returns `(tau, norm)` `(c, 1)` with `out = (x - tau)_+^e / norm` (`norm = 1` on exact paths).
     `e == 2.0` (alpha = 1.5) finishes with the exact closed-form threshold on the support.
     """
     tiny = torch.finfo(x.dtype).tiny
+    one = torch.ones((), dtype=x.dtype, device=x.device)
     tau = _row_max(x) - 1.0
     quadratic = isinstance(e, float) and e == 2.0
     linear = isinstance(e, float) and e == 1.0
     has_one = isinstance(e, torch.Tensor) and bool((e == 1.0).any())
-    for it in range(max_iter):
-        r = torch.sub(x, tau, out=out).clamp_(min=0)
+    for _ in range(max_iter):
+        r = torch.sub(x, tau, out=out).relu_()
         if quadratic:
             r_em1 = r
         elif linear:
-            r_em1 = (r > 0).to(r.dtype)
+            r_em1 = torch.sign(r)
         else:
             r_em1 = r.pow(e - 1.0)
             if has_one:  # rows with alpha = 2: 0^0 must count as 0
-                r_em1.masked_fill_(r <= 0, 0.0)
+                r_em1.mul_(torch.sign(r))
         s_em1 = r_em1.sum(dim=-1, keepdim=True)
         f = torch.linalg.vecdot(r_em1, r).unsqueeze(-1)  # sum r^e; 0 only for all -inf rows
         f_safe = f.clamp_min(tiny)
         big_f = f_safe.sqrt() if quadratic else f_safe.pow(1.0 / e)
-        done = ((big_f - 1.0).abs() <= tol) | (f <= 0)
-        if quadratic:
-            cnt = (r > 0).sum(dim=-1, keepdim=True)
-            k = cnt.clamp_min(1).to(r.dtype)
+        empty = f <= 0
+        if quadratic and bool((((big_f - 1.0).abs() <= 1e-3) | empty).all()):
+            # closed form on the support S = {x > tau} (Peters et al. 2019, Alg. 2), exact when
+            # {x > tau_cf} = S again (then sum_S (x - tau_cf)^2 = 1 is the optimality condition)
+            cnt = torch.sign(r).sum(dim=-1, keepdim=True)
+            k = cnt.clamp_min(1.0)
             mean = s_em1 / k
-            var = f / k - mean * mean
-            tau_cf = tau + mean - (1.0 / k - var).clamp_min(0).sqrt()
-            if bool((((big_f - 1.0).abs() <= 1e-3) | (f <= 0)).all()):
-                r2 = torch.sub(x, tau_cf).clamp_(min=0)
-                if torch.equal((r2 > 0).sum(dim=-1, keepdim=True), cnt):
-                    torch.mul(r2, r2, out=out)
-                    return
+            tau_cf = tau + mean - (1.0 / k - (f / k - mean * mean)).clamp_min(0).sqrt()
+            r2 = torch.sub(x, tau_cf).relu_()
+            if torch.equal(torch.sign(r2).sum(dim=-1, keepdim=True), cnt):
+                torch.mul(r2, r2, out=out)
+                return tau_cf, one.expand_as(tau_cf)
         step = (big_f - 1.0) * f_safe / (big_f * s_em1.clamp_min(tiny))
-        tau_new = tau + step.masked_fill_(f <= 0, 0.0)
-        if bool((done | (tau_new == tau)).all()):
-            if not quadratic:
-                if not linear:
-                    r.mul_(r_em1)
-                out.div_(f_safe)
-                return
+        tau_new = tau + step.masked_fill_(empty, 0.0)
+        if not quadratic and bool((((big_f - 1.0).abs() <= tol) | empty | (tau_new == tau)).all()):
+            if not linear:
+                r.mul_(r_em1)
+            out.div_(f_safe)
+            return tau, f_safe
+        if quadratic and bool((tau_new == tau).all()):
             break
         tau = tau_new
     # reached only without exact convergence: last iterate, renormalised
-    r = torch.sub(x, tau, out=out).clamp_(min=0)
+    r = torch.sub(x, tau, out=out).relu_()
     if not linear:
         r.pow_(e)
-    out.div_(out.sum(dim=-1, keepdim=True).clamp_min(tiny))
+    norm = out.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    out.div_(norm)
+    return tau, norm
+
+
+def _entmax_from_threshold(x: torch.Tensor, e: Exponent, tau: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Recompute `p = (x - tau)_+^e / norm` from saved thresholds."""
+    r = torch.sub(x, tau).relu_()
+    if isinstance(e, float) and e == 2.0:
+        r.mul_(r)
+    elif not (isinstance(e, float) and e == 1.0):
+        r.pow_(e)
+    return r.div_(norm)
 
 
 def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -166,20 +187,25 @@ def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
         if alpha == 1.5:
             return p.sqrt()
         if alpha == 2.0:
-            return (p > 0).to(p.dtype)
-    return torch.where(p > 0, p.pow(2.0 - alpha), p.new_zeros(()))
+            return torch.sign(p)
+        return p.pow(2.0 - alpha)
+    gppr = p.pow(2.0 - alpha)
+    if bool((alpha == 2.0).any()):
+        gppr.mul_(torch.sign(p))
+    return gppr
 
 
 def _entmax_backward_rows(p, g, alpha, out, need_alpha: bool):
+    """out = gppr * (g - <g, gppr> / sum gppr); returns d loss / d alpha per row when asked."""
     gppr = _gppr(p, alpha)
     s_gppr = gppr.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     q = torch.linalg.vecdot(g, gppr).unsqueeze(-1) / s_gppr
     torch.sub(g, q, out=out).mul_(gppr)
     if not need_alpha:
         return None
-    # Correia et al. 2019: dp/dalpha
+    # Correia et al. 2019, eq. 12-14: dp/dalpha
     am1 = alpha - 1.0
-    plogp = torch.where(p > 0, p * torch.log(p), p.new_zeros(()))
+    plogp = torch.xlogy(p, p)
     ent = plogp.sum(dim=-1, keepdim=True)
     skew = gppr / s_gppr
     d = (p - skew) / (am1 * am1) - (plogp - skew * ent) / am1

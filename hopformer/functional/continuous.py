@@ -158,6 +158,9 @@ def masked_ridge_coefficients(memories: Tensor, valid: Tensor, basis, ridge: flo
         Coefficients ``(B, ..., N, D)``; all zero for a set with no valid memory.
     """
     ridge = _check_ridge(ridge)
+    out_dtype = memories.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):  # Cholesky needs float32 or better
+        memories = memories.float()
     valid = valid.to(torch.bool)
     weight = valid.to(memories.dtype)
     count = weight.sum(-1, keepdim=True)
@@ -173,7 +176,7 @@ def masked_ridge_coefficients(memories: Tensor, valid: Tensor, basis, ridge: flo
     extra = memories.dim() - 3  # dims between batch and L (heads)
     design_t = design.transpose(-1, -2).reshape(design.shape[0], *([1] * extra), n, design.shape[1])
     chol = chol.reshape(chol.shape[0], *([1] * extra), n, n)
-    return torch.cholesky_solve(torch.matmul(design_t, memories), chol)
+    return torch.cholesky_solve(torch.matmul(design_t, memories), chol).to(out_dtype)
 
 
 def basis_responsibilities(

@@ -23,6 +23,9 @@ import torch
 from einops import rearrange
 from torch.autograd import Function
 
+import torch.nn.functional as F
+
+from hopformer.functional._separated_attention import separated_attention_core
 from hopformer.functional._separation_kernels import _MAX_NEWTON, EntmaxFunction, SparsemaxFunction
 
 SEPARATIONS = ("softmax", "sparsemax", "entmax15")
@@ -38,6 +41,7 @@ __all__ = [
     "entmax15",
     "is_softmax",
     "separate",
+    "separated_attention",
     "separation_conjugate",
     "softmax",
     "sparsemax",
@@ -116,20 +120,26 @@ def _unrows(rows: torch.Tensor, moved_shape: torch.Size, dim: int, dtype: torch.
     return rows.reshape(moved_shape).movedim(-1, dim).to(dtype)
 
 
-def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Tensor alpha (broadcastable to scores, size 1 along `dim`) as `(rows, 1)`."""
-    target = list(scores.shape)
+def _check_alpha_shape(alpha: torch.Tensor, shape, dim: int) -> list:
+    """Raise unless `alpha` broadcasts to `shape` with size 1 along `dim`; return that target shape."""
+    target = list(shape)
     target[dim] = 1
-    lead = scores.dim() - alpha.dim()
+    lead = len(target) - alpha.dim()
     ok = lead >= 0
     if ok:
         for have, want in zip(alpha.shape, target[lead:]):
             ok = ok and have in (1, want)
     if not ok:
         raise ValueError(
-            f"separation (tensor alpha) must be broadcastable to {tuple(target)} (scores {tuple(scores.shape)} "
+            f"separation (tensor alpha) must be broadcastable to {tuple(target)} (scores {tuple(shape)} "
             f"with size 1 along dim={dim}); got shape {tuple(alpha.shape)}"
         )
+    return target
+
+
+def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tensor alpha (broadcastable to scores, size 1 along `dim`) as `(rows, 1)`."""
+    target = _check_alpha_shape(alpha, scores.shape, dim)
     a = alpha.to(_compute_dtype(scores.dtype)).expand(target).movedim(dim, -1)
     return rearrange(a, "... one -> (...) one")
 
@@ -310,3 +320,79 @@ def separation_conjugate(scores: torch.Tensor, separation: Separation, dim: int 
     z, shape = _rows(scores, dim)
     psi = _ConjugateFunction.apply(z, a_t, float(a_f))
     return psi.reshape(shape[:-1]).to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- fused attention core
+
+
+def separated_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: Optional[torch.Tensor] = None,
+    *,
+    separation: Separation = "softmax",
+    beta: Union[float, torch.Tensor, None] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The attention/retrieval core `Sep(beta * query keys^T + mask) values` without materialising the scores.
+
+    softmax runs `scaled_dot_product_attention`; sparsemax / entmax run block-wise with saved
+    thresholds (`_separated_attention`), O(n) extra memory and cache-resident blocks on CPU.
+    Identical (to float tolerance) to `separate(beta * query @ keys^T + mask, separation) @ values`.
+
+    Args:
+        query: `(..., n, d)` state patterns.
+        keys: `(..., m, d)` stored patterns, leading dims broadcastable with `query`.
+        values: `(..., m, dv)` read-out patterns; default `keys`.
+        separation: see `check_separation`; a tensor alpha broadcasts to `(..., n, 1)`.
+        beta: inverse temperature, float or tensor broadcastable to `(..., 1, 1)`; default 1/sqrt(d).
+        mask: boolean (True = the key takes part) or additive float mask broadcastable to `(..., n, m)`;
+            a row with every key masked reads out zeros.
+    """
+    spec = check_separation(separation)
+    values = keys if values is None else values
+    for name, t in (("query", query), ("keys", keys), ("values", values)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor of shape (..., n, d); got {getattr(t, 'shape', t)}")
+    if query.shape[-1] != keys.shape[-1] or keys.shape[-2] != values.shape[-2]:
+        raise ValueError(
+            f"query (..., n, d), keys (..., m, d) and values (..., m, dv) do not fit: got query "
+            f"{tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
+    lead = torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2], values.shape[:-2])
+    score_shape = (*lead, query.shape[-2], keys.shape[-2])
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, score_shape)
+        except RuntimeError:
+            raise ValueError(f"mask must broadcast to {score_shape}; got shape {tuple(mask.shape)}") from None
+    if isinstance(spec, torch.Tensor):
+        _check_alpha_shape(spec, score_shape, -1)
+    beta = query.shape[-1] ** -0.5 if beta is None else beta
+    alpha = _ALPHA_OF.get(spec, spec) if isinstance(spec, str) else spec
+    if isinstance(alpha, float) and alpha == 1.0:
+        return _softmax_attention(query, keys, values, beta, mask)
+    if (isinstance(alpha, torch.Tensor) and bool((alpha == 1.0).any())) or (
+        mask is not None and mask.requires_grad and torch.is_grad_enabled()
+    ):  # rare cases: explicit path
+        scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return torch.matmul(separate(scores, spec), values.to(scores.dtype))
+    return separated_attention_core(query, keys, values, beta, alpha, mask)
+
+
+def _softmax_attention(query, keys, values, beta, mask):
+    """SDPA with all-masked rows reading out zeros (instead of NaN)."""
+    if isinstance(beta, torch.Tensor):
+        query, beta = query * beta, 1.0
+    empty = None
+    if mask is not None:
+        dead = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)
+        empty = dead.all(dim=-1, keepdim=True)
+        if bool(empty.any()):
+            mask = mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)
+        else:
+            empty = None
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=float(beta))
+    return out if empty is None else out.masked_fill(empty, 0.0)

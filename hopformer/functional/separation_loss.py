@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["SEPARATION_LOSSES", "separation_loss", "pairwise_sq_distances", "min_pairwise_distance"]
+__all__ = [
+    "SEPARATION_LOSSES",
+    "separation_loss",
+    "separation_loss_from_gram",
+    "pairwise_sq_distances",
+    "min_pairwise_distance",
+]
 
 SEPARATION_LOSSES = ("average", "orthogonal", "max")
 
@@ -51,9 +57,32 @@ def _check_t(t: float) -> None:
         raise ValueError(f"t (the RBF scale of Def. 2.2 / 3.1) must be a positive finite number, got {t!r}")
 
 
-def _gram(features: Tensor, normalize: bool) -> Tensor:
-    phi = F.normalize(features, dim=-1) if normalize else features
-    return torch.matmul(phi, phi.transpose(-1, -2))
+def _check_kind(kind: str) -> None:
+    if kind not in SEPARATION_LOSSES:
+        raise ValueError(f"kind must be one of {SEPARATION_LOSSES}, got {kind!r}")
+
+
+def _check_gram(gram: Tensor) -> None:
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"gram must be a torch.Tensor of shape (..., M, M), got {type(gram).__name__}")
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must be a square Gram matrix of shape (..., M, M), got shape {tuple(gram.shape)}")
+    if gram.shape[-1] < 2:
+        raise ValueError(
+            f"a separation loss needs a memory set of at least 2 patterns (pairs u != v), got a Gram matrix "
+            f"of shape {tuple(gram.shape)}"
+        )
+
+
+def _normalize_gram(gram: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine Gram ``K(u, v) / sqrt(K(u, u) K(v, v))`` (the Gram of the unit-normalised features)."""
+    inv = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(eps * eps).rsqrt()
+    return gram * rearrange(inv, "... m -> ... m 1") * rearrange(inv, "... m -> ... 1 m")
+
+
+def _sq_distances_from_gram(gram: Tensor) -> Tensor:
+    sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1)
+    return (rearrange(sq_norms, "... m -> ... m 1") + rearrange(sq_norms, "... m -> ... 1 m") - 2.0 * gram).clamp_min(0.0)
 
 
 def pairwise_sq_distances(features: Tensor, *, normalize: bool = True) -> Tensor:
@@ -64,10 +93,8 @@ def pairwise_sq_distances(features: Tensor, *, normalize: bool = True) -> Tensor
         normalize: unit-normalise the features first (the form used by the separation losses).
     """
     _check_features(features)
-    gram = _gram(features, normalize)
-    sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1)
-    dist = sq_norms.unsqueeze(-1) + sq_norms.unsqueeze(-2) - 2.0 * gram
-    return dist.clamp_min(0.0)
+    phi = F.normalize(features, dim=-1) if normalize else features
+    return _sq_distances_from_gram(torch.matmul(phi, phi.transpose(-1, -2)))
 
 
 def min_pairwise_distance(features: Tensor, *, normalize: bool = True) -> Tensor:
@@ -104,14 +131,27 @@ def separation_loss(
     """
     _check_features(features)
     _check_t(t)
-    if kind not in SEPARATION_LOSSES:
-        raise ValueError(f"kind must be one of {SEPARATION_LOSSES}, got {kind!r}")
-    m = features.shape[-2]
+    _check_kind(kind)
+    phi = F.normalize(features, dim=-1) if normalize else features
+    return separation_loss_from_gram(torch.matmul(phi, phi.transpose(-1, -2)), t, kind, normalize=False)
+
+
+def separation_loss_from_gram(gram: Tensor, t: float = 2.0, kind: str = "average", *, normalize: bool = True) -> Tensor:
+    """:func:`separation_loss` from the kernel Gram matrix ``K = Phi Phi^T`` ``(..., M, M)`` instead of the features.
+
+    Same arguments and result; ``normalize`` turns ``K`` into the cosine Gram ``K(u, v) / sqrt(K(u, u) K(v, v))``.
+    Lets stage I run in the ``M x M`` memory space when ``D_phi`` is large (hopformer.retrieval.stage_one).
+    """
+    _check_gram(gram)
+    _check_t(t)
+    _check_kind(kind)
+    m = gram.shape[-1]
+    gram = _normalize_gram(gram) if normalize else gram
     if kind == "orthogonal":
-        logits = 2.0 * t * (_gram(features, normalize).square() - 1.0)
+        logits = 2.0 * t * (gram.square() - 1.0)
     else:
-        logits = -t * pairwise_sq_distances(features, normalize=normalize)
-    eye = torch.eye(m, dtype=torch.bool, device=features.device)
+        logits = -t * _sq_distances_from_gram(gram)
+    eye = torch.eye(m, dtype=torch.bool, device=gram.device)
     logits = logits.masked_fill(eye, float("-inf"))
     if kind == "max":
         return logits.amax(dim=(-2, -1))

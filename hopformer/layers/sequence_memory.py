@@ -206,6 +206,31 @@ class TemporalSequenceMemory(nn.Module):
         pull = torch.softmax(attention, -1) @ xi + self.gamma * xi[shifted.argmax(-1)]
         return -pull + (1.0 + self.gamma) * s + 2.0 * self.lambda_f * (s - xi[m]) + 2.0 * self.mu * (s - prev)
 
+    def step_energies(self, states: Tensor, init: Tensor | None = None, chunk: int = 512) -> Tensor:
+        """``E_m(s_m)`` for every step ``(N,)`` with ``s_{m-1}`` taken from ``states`` (``init`` before step 0).
+
+        Full kernel, computed in row chunks with matrix products (``O(N^2 d)`` flops, ``O(chunk N)`` memory).
+        """
+        self._require_patterns()
+        xi, n, beta = self.patterns.to(states.dtype), self.num_patterns, self._beta()
+        init = xi[0] if init is None else init.to(states)
+        prev = torch.cat([init[None], states[:-1]])
+        out = []
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(start + chunk, n), device=xi.device)
+            logits = -(torch.arange(n, device=xi.device, dtype=states.dtype) - rows[:, None].to(states.dtype)).square()
+            log_w = torch.log_softmax(logits / (2.0 * self.sigma**2), -1)
+            s = states[rows]
+            overlap = s @ xi.T
+            out.append(
+                -torch.logsumexp(beta * overlap + log_w, -1) / beta
+                - self.gamma * (overlap + log_w / beta).amax(-1)
+                + 0.5 * (1.0 + self.gamma) * s.square().sum(-1)
+                + self.lambda_f * (s - xi[rows]).square().sum(-1)
+                + self.mu * (s - prev[rows]).square().sum(-1)
+            )
+        return torch.cat(out)
+
     # -- solvers ---------------------------------------------------------------------------------
     def _denominator(self) -> float:
         return 1.0 + self.gamma + 2.0 * self.lambda_f + 2.0 * self.mu
@@ -228,17 +253,34 @@ class TemporalSequenceMemory(nn.Module):
         pull = pull + self.gamma * xi[best]
         return (pull + 2.0 * self.lambda_f * xi[centre] + 2.0 * self.mu * prev) / self._denominator()
 
+    def _cccp_sweep(self, states: Tensor, prev: Tensor) -> Tensor:
+        """One CCCP step for all ``N`` steps at once; neighbours are views of the zero-padded patterns."""
+        xi, n, w = self.patterns.to(states.dtype), self.num_patterns, self.window
+        padded = torch.nn.functional.pad(xi, (0, 0, w, w))
+        steps = torch.arange(n, device=xi.device)
+        offsets = torch.arange(-w, w + 1, device=xi.device)
+        inside = (rearrange(steps, "m -> m 1") + offsets >= 0) & (rearrange(steps, "m -> m 1") + offsets < n)
+        log_w = (-offsets.to(states.dtype).square() / (2.0 * self.sigma**2)).expand(n, -1).masked_fill(~inside, float("-inf"))
+        overlap = torch.stack([torch.linalg.vecdot(states, padded[j : j + n]) for j in range(2 * w + 1)], -1)
+        beta = self._beta()
+        p = torch.softmax(beta * overlap + log_w, -1)
+        pull = torch.zeros_like(states)
+        for j in range(2 * w + 1):
+            pull.add_(p[:, j : j + 1] * padded[j : j + n])
+        best = steps + (overlap + log_w / beta).argmax(-1) - w
+        pull.add_(self.gamma * xi[best])
+        return (pull + 2.0 * self.lambda_f * xi + 2.0 * self.mu * prev) / self._denominator()
+
     def _solve_cccp(self, init: Tensor, trace_steps: set[int]):
         n = self.num_patterns
         xi = self.patterns
         trace: dict[int, list[float]] = {}
         if self.batched:
-            centre = torch.arange(n, device=xi.device)
             states = torch.cat([init[None], xi[:-1]])  # start each step from the previous stored pattern
             sweeps = self.max_iter
             for sweep in range(1, self.max_iter + 1):
                 prev = torch.cat([init[None], states[:-1]])
-                new = self._cccp_step(states, prev, centre)
+                new = self._cccp_sweep(states, prev)
                 for m in trace_steps:
                     trace.setdefault(m, []).append(float(self.energy(new[m], m, prev[m])))
                 change = float((new - states).abs().amax())
@@ -336,8 +378,7 @@ class TemporalSequenceMemory(nn.Module):
                 states, iterations, per_step = self._solve_lbfgs(init, steps)
             energy = None
             if trace:
-                prev = torch.cat([init[None], states[:-1]])
-                energy = torch.stack([self.energy(states[m], m, prev[m]) for m in range(self.num_patterns)])
+                energy = self.step_energies(states, init)
         return SequenceRetrieval(states=states, iterations=iterations, energy=energy, trace=per_step)
 
     def forward(self, patterns: Tensor | None = None, init: Tensor | None = None) -> Tensor:

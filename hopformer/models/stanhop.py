@@ -26,6 +26,7 @@ sparse Hopfield layer (alpha-entmax, eq. 3.3) with one learnable alpha per layer
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,8 +46,9 @@ def build_hopfield(kind: str, dim: int, num_heads: int, *, dropout: float = 0.0,
 
     Args:
         kind: "generalized" (alpha-entmax, learnable alpha; STanHop's GSH), "dense" (softmax),
-            "sparse" (sparsemax), "kernelized" (U-Hop ``KernelizedHopfield``), "continuous"
-            (continuous-time memory ``ContinuousHopfield``).
+            "sparse" (sparsemax), "kernelized" (U-Hop ``KernelizedHopfield``; with
+            ``learnable_alpha=True`` it keeps GSH's learnable alpha-entmax, otherwise its ``separation``),
+            "continuous" (continuous-time memory ``ContinuousHopfield``).
         dim: pattern size (state = stored = d_model).
         num_heads: association heads.
         dropout: dropout on the association weights.
@@ -61,6 +63,8 @@ def build_hopfield(kind: str, dim: int, num_heads: int, *, dropout: float = 0.0,
     if kind == "sparse":
         return layers.SparseHopfield(dim, num_heads, dropout=dropout, **kwargs)
     if kind == "kernelized":
+        if kwargs.pop("learnable_alpha", False):  # U-Hop's kernel on STanHop's GSH (learnable alpha-entmax)
+            return _kernelized_gsh_class()(dim, num_heads, dropout=dropout, **kwargs)
         from ..layers.kernel import KernelizedHopfield
 
         return KernelizedHopfield(dim, num_heads, dropout=dropout, **kwargs)
@@ -69,6 +73,25 @@ def build_hopfield(kind: str, dim: int, num_heads: int, *, dropout: float = 0.0,
 
         return ContinuousHopfield(dim, num_heads, dropout=dropout, **kwargs)
     raise ValueError(f"hopfield={kind!r}: expected one of {HOPFIELD_KINDS}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernelized_gsh_class() -> type:
+    """``KernelizedHopfield`` with a learnable alpha-entmax separation (built once, on first use)."""
+    from ..layers import LearnableAlpha
+    from ..layers.kernel import KernelizedHopfield
+
+    class KernelizedGeneralizedSparseHopfield(KernelizedHopfield):
+        """U-Hop feature map ``Phi`` + STanHop's learnable alpha (``alpha = 1 + sigmoid(a)``)."""
+
+        def __init__(self, dim: int, num_heads: int = 1, *, alpha: float = 1.5, alpha_per_head: bool = False, **kw):
+            super().__init__(dim, num_heads, separation=float(alpha), **kw)
+            self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head)
+
+        def current_separation(self):
+            return self.alpha()
+
+    return KernelizedGeneralizedSparseHopfield
 
 
 def _mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -106,7 +129,8 @@ class PatchEmbedding(nn.Module):
 class CoarseGrain(nn.Module):
     """Merge ``win_size`` neighbouring patches: LayerNorm + ``Linear(win_size * d -> d)`` (paper sec. 4.4).
 
-    A patch count that is not a multiple of ``win_size`` is end-padded by repeating the last patches.
+    A patch count that is not a multiple of ``win_size`` is end-padded by repeating the last patch
+    (Crossformer repeats the last ``pad`` patches, which fails when there are fewer than ``pad``).
     """
 
     def __init__(self, d_model: int, win_size: int) -> None:
@@ -119,7 +143,7 @@ class CoarseGrain(nn.Module):
         """``(B, C, S, d)`` -> ``(B, C, ceil(S / win_size), d)``."""
         pad = -x.shape[2] % self.win_size
         if pad:
-            x = torch.cat([x, x[:, :, -pad:]], dim=2)
+            x = torch.cat([x, repeat(x[:, :, -1], "b c d -> b c p d", p=pad)], dim=2)
         merged = rearrange(x, "b c (s w) d -> b c s (w d)", w=self.win_size)
         return self.linear(self.norm(merged))
 

@@ -57,6 +57,9 @@ class ForecastingModule(L.LightningModule):
         seed: seed of the memory-window draw.
     """
 
+    monitor = "val_mse"  # read by hopformer.cli for ModelCheckpoint
+    monitor_mode = "min"
+
     def __init__(
         self,
         model: nn.Module,
@@ -112,15 +115,23 @@ class ForecastingModule(L.LightningModule):
         return self._align(self.model(batch["x"]), batch["y"]), batch["y"]
 
     # ------------------------------------------------------------------ setup and memory
+    def check_datamodule(self, datamodule) -> None:
+        """Fail before training when the model's series count or lengths disagree with the data."""
+        if datamodule is None or not hasattr(datamodule, "num_series"):
+            return
+        for attr, data_attr in (("num_series", "num_series"), ("input_len", "input_len"), ("horizon", "horizon")):
+            mine, theirs = getattr(self.model, attr, None), getattr(datamodule, data_attr, None)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"model {attr}={mine} but the data module has {data_attr}={theirs}"
+                                 + (f" (columns {datamodule.columns})" if attr == "num_series" else ""))
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "target_scale"):
             dm.setup(stage)
+            self.check_datamodule(dm)
             mean, std = dm.target_scale()
             self.target_mean, self.target_std = mean.to(self.device), std.to(self.device)
-            n = getattr(self.model, "num_series", None)
-            if n is not None and n != dm.num_series:
-                raise ValueError(f"model.num_series={n} but the data module has {dm.num_series} series {dm.columns}")
 
     def fill_memory(self) -> None:
         """Offer ``memory_windows`` seeded random training windows to the model's memory plugins."""

@@ -1,0 +1,191 @@
+"""Memory-efficient attention core `Sep(beta q k^T + mask) v` for the sparse separation maps.
+
+The scores are produced, separated and consumed block by block (blocks of query rows of about
+`_CHUNK_ELEMS` scores), and only the per-row thresholds `tau` (and normalisers) are saved: the
+backward pass recomputes each block's scores with one matmul and its weights from `tau` in one
+elementwise pass (`p = (x - tau)_+^(1/(alpha-1)) / norm`), the flash-attention idea applied to
+sparsemax / entmax (Peters et al. 2019; Correia et al. 2019). Memory is O(rows) instead of
+O(rows * keys) and every intermediate stays in cache on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+from hopformer.functional._separation_kernels import (
+    _MAX_NEWTON,
+    _entmax_backward_rows,
+    _entmax_from_threshold,
+    _entmax_rows,
+    _sparsemax_backward_rows,
+    _sparsemax_rows,
+)
+
+_CHUNK_ELEMS = 1 << 19
+_CHUNK_ELEMS_GPU = 1 << 25
+
+
+def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
+    """(group slice, row slice) blocks of about `_CHUNK_ELEMS` scores each."""
+    per = max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(m, 1))
+    if per >= n:
+        step = max(1, per // n)
+        for g in range(0, groups, step):
+            yield slice(g, min(groups, g + step)), slice(0, n)
+    else:
+        for g in range(groups):
+            for r in range(0, n, per):
+                yield slice(g, g + 1), slice(r, min(n, r + per))
+
+
+def _rows_of(t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.Tensor]:
+    """Block of a `(G, n or 1, ...)` tensor (rows broadcast when its row size is 1)."""
+    if t is None:
+        return None
+    return t[gs] if t.shape[1] == 1 else t[gs, rs]
+
+
+class SeparatedAttentionFunction(Function):
+    """Forward/backward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
+
+    `beta` `(G, 1, 1)`, `mask` additive `(G, n or 1, m)` or boolean (True = take part) or None,
+    `alpha` a float in (1, 2] or `(G, n or 1, 1)`; `kind` is "sparsemax" or "entmax".
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, alpha, mask, kind: str, tol: float, max_iter: int):
+        groups, n, _ = q.shape
+        m = k.shape[1]
+        out = q.new_empty(groups, n, v.shape[-1])
+        tau = q.new_empty(groups, n, 1)
+        norm = q.new_ones(groups, n, 1)
+        buf = q.new_empty(_CHUNK_ELEMS if q.device.type == "cpu" else 0)
+        a_t = alpha if isinstance(alpha, torch.Tensor) else None
+        for gs, rs in _blocks(groups, n, m, q.device):
+            x = _scores(q, k, beta, mask, gs, rs)
+            shape = x.shape
+            rows = x.reshape(-1, m)
+            p = buf[: rows.numel()].view_as(rows) if buf.numel() >= rows.numel() else torch.empty_like(rows)
+            if kind == "sparsemax":
+                t = _sparsemax_rows(rows, p)
+            else:
+                a = _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1) if a_t is not None else alpha
+                t, nrm = _entmax_rows(rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter)
+                norm[gs, rs] = nrm.reshape(shape[0], shape[1], 1)
+            tau[gs, rs] = t.reshape(shape[0], shape[1], 1)
+            out[gs, rs] = torch.bmm(p.view(shape), v[gs])
+        ctx.kind, ctx.alpha_f = kind, (None if a_t is not None else alpha)
+        ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, norm)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        q, k, v, beta, a_t, mask, tau, norm = ctx.saved_tensors
+        groups, n, _ = q.shape
+        m = k.shape[1]
+        g_out = g_out.contiguous()
+        need_alpha = a_t is not None and ctx.needs_input_grad[4]
+        need_beta = ctx.needs_input_grad[3]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbeta = torch.zeros_like(beta) if need_beta else None
+        dalpha = torch.zeros_like(a_t) if need_alpha else None
+        for gs, rs in _blocks(groups, n, m, q.device):
+            raw = torch.bmm(q[gs, rs], k[gs].transpose(1, 2))
+            shape = raw.shape
+            x = _add_mask(raw * beta[gs], mask, gs, rs).reshape(-1, m)
+            t = tau[gs, rs].reshape(-1, 1)
+            go = g_out[gs, rs]
+            dp = torch.bmm(go, v[gs].transpose(1, 2)).reshape(-1, m)
+            ds = torch.empty_like(dp)
+            if ctx.kind == "sparsemax":
+                p = torch.sub(x, t).relu_()
+                _sparsemax_backward_rows(p, dp, ds)
+            else:
+                a = (
+                    _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
+                    if a_t is not None
+                    else ctx.alpha_f
+                )
+                p = _entmax_from_threshold(x.mul_(a - 1.0), 1.0 / (a - 1.0), t, norm[gs, rs].reshape(-1, 1))
+                da = _entmax_backward_rows(p, dp, a, ds, need_alpha)
+                if need_alpha:
+                    da = da.view(shape[0], shape[1], 1)
+                    if a_t.shape[1] == 1:
+                        dalpha[gs] += da.sum(dim=1, keepdim=True)
+                    else:
+                        dalpha[gs, rs] += da
+            p3, ds3 = p.view(shape), ds.view(shape)
+            dv[gs] += torch.bmm(p3.transpose(1, 2), go)
+            if need_beta:
+                dbeta[gs] += torch.linalg.vecdot(ds, raw.reshape(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
+            ds3 = ds3 * beta[gs]
+            dq[gs, rs] = torch.bmm(ds3, k[gs])
+            dk[gs] += torch.bmm(ds3.transpose(1, 2), q[gs, rs])
+        return dq, dk, dv, dbeta, dalpha, None, None, None, None
+
+
+def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice) -> torch.Tensor:
+    if mask is None:
+        return x
+    block = _rows_of(mask, gs, rs)
+    if block.dtype == torch.bool:
+        return x.masked_fill_(~block, float("-inf"))
+    return x.add_(block)
+
+
+def _scores(q, k, beta, mask, gs: slice, rs: slice) -> torch.Tensor:
+    x = torch.bmm(q[gs, rs], k[gs].transpose(1, 2)).mul_(beta[gs])
+    return _add_mask(x, mask, gs, rs)
+
+
+def _groups(t: torch.Tensor, lead: List[int], tail: Tuple[int, ...]) -> torch.Tensor:
+    """Broadcast `t` to `lead + tail` (tail entries -1 keep t's own size) and flatten the lead dims."""
+    tail_t = t.shape[len(t.shape) - len(tail):] if t.dim() >= len(tail) else (1,) * (len(tail) - t.dim()) + t.shape
+    t = t.reshape(tail_t) if t.dim() < len(tail) else t
+    shape = list(lead) + [s if s != -1 else ts for s, ts in zip(tail, tail_t)]
+    return t.expand(shape).reshape(-1, *shape[len(lead):])
+
+
+def separated_attention_core(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    beta: Union[float, torch.Tensor],
+    alpha: Union[float, torch.Tensor],
+    mask: Optional[torch.Tensor] = None,
+    tol: Optional[float] = None,
+    max_iter: int = _MAX_NEWTON,
+) -> torch.Tensor:
+    """Block-wise `entmax_alpha(beta q k^T + mask) v` for alpha in (1, 2] (see module docstring).
+
+    Shapes as in `hopformer.functional.separation.separated_attention`, which validates them.
+    """
+    lead = list(torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2], values.shape[:-2]))
+    n, m = query.shape[-2], keys.shape[-2]
+    dtype = query.dtype
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    q = _groups(query.to(cdtype), lead, (n, query.shape[-1])).contiguous()
+    k = _groups(keys.to(cdtype), lead, (m, keys.shape[-1])).contiguous()
+    v = _groups(values.to(cdtype), lead, (m, values.shape[-1])).contiguous()
+    if isinstance(beta, torch.Tensor):
+        b = _groups(beta.to(cdtype), lead, (1, 1)).contiguous()
+    else:
+        b = torch.full((q.shape[0], 1, 1), float(beta), dtype=cdtype, device=q.device)
+    if mask is not None:
+        mask = _groups(mask if mask.dtype == torch.bool else mask.to(cdtype), lead, (-1, m)).contiguous()
+    if isinstance(alpha, torch.Tensor):
+        a = _groups(alpha.to(cdtype), lead, (-1, 1)).contiguous()
+        kind = "entmax"
+    else:
+        a = float(alpha)
+        kind = "sparsemax" if a == 2.0 else "entmax"
+    if tol is None:
+        tol = 1e-12 if cdtype == torch.float64 else 1e-6
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        out = SeparatedAttentionFunction.apply(q, k, v, b, a, mask, kind, tol, max_iter)
+    return out.reshape(*lead, n, values.shape[-1]).to(dtype)
