@@ -3,7 +3,9 @@
 Prints, per shape, the median time of each core and its ratio to the fused softmax core
 (`torch.nn.functional.scaled_dot_product_attention`) measured in the same run (round-robin
 over the cores, so load changes hit all of them alike). "explicit softmax" is the same core
-written with matmuls and `torch.softmax`, the floor for any core that materialises the scores.
+written with matmuls and `torch.softmax`, the floor for any core that materialises the scores;
+"ours <map>" are `separate`-style maps on materialised scores, "ours fused <map>" is
+`separated_attention` (block-wise, thresholds saved, scores never materialised).
 
     flock /tmp/hopformer-heavy.lock python benchmarks/separation.py            # both shapes
     python benchmarks/separation.py --shapes 16,8,256,32 --repeats 5
@@ -19,7 +21,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from hopformer.functional.separation import entmax, entmax15, softmax, sparsemax
+from hopformer.functional.separation import entmax, entmax15, separated_attention, softmax, sparsemax
 
 
 def _cores() -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -67,6 +69,10 @@ def bench(shape: List[int], repeats: int, device: torch.device, skip: List[str])
         cores["ours entmax alpha=1.3 (tensor, per head)"] = lambda s: entmax(s, alpha, dim=-1)
     runs: Dict[str, Callable[[], None]] = {"sdpa softmax (reference)": lambda: _sdpa(q, k, v)}
     runs.update({name: (lambda fn=fn: _step(q, k, v, fn)) for name, fn in cores.items()})
+    fused = {"sparsemax": "sparsemax", "entmax15": "entmax15", "entmax alpha=1.3": 1.3, "entmax alpha=1.3 (tensor)": alpha}
+    for name, sep in fused.items():
+        if not any(s in "ours fused " + name for s in skip):
+            runs["ours fused " + name] = lambda sep=sep: separated_attention(q, k, v, separation=sep).sum().backward()
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for name, fn in runs.items():  # warm-up
         fn()

@@ -17,7 +17,8 @@ What this CLI adds to ``LightningCLI``:
 - Callbacks: ``RichProgressBar`` (unless ``trainer.enable_progress_bar: false``),
   ``LearningRateMonitor`` (when logging), and ``ModelCheckpoint`` configured under ``checkpoint:``
   whose ``monitor``/``mode`` default to the module class attributes ``monitor``/``monitor_mode``
-  (``val_acc``/max for classification); it keeps ``best.ckpt``-style files and ``last.ckpt``.
+  (``val_acc``/max for classification), writing ``checkpoints/best-*.ckpt``; a second one keeps
+  ``checkpoints/last.ckpt`` at the latest epoch for resuming (``--ckpt_path .../last.ckpt``).
 - Checks before any work: the module's ``check_datamodule(datamodule)`` (image size, channels,
   classes); unknown model names and missing data folders fail when the classes are built.
 - ``--test_after_fit true``: after ``fit``, validate and test the best checkpoint and print the metrics.
@@ -38,7 +39,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 __all__ = ["HopformerCLI", "main", "DEFAULT_CONFIG"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# The repository's configs/default.yaml (editable install or a checkout); else ./configs/default.yaml
+# (a non-editable install run from the repository root, as in docker/).
+_REPO_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = _REPO_DEFAULT if _REPO_DEFAULT.is_file() else Path("configs") / "default.yaml"
 
 
 def _import(class_path: str) -> Any:
@@ -65,7 +69,7 @@ class HopformerCLI(LightningCLI):
             {
                 "checkpoint.monitor": None,
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.filename": "best-{epoch:03d}-{step:06d}",
                 "trainer.default_root_dir": "runs",
             }
@@ -90,6 +94,19 @@ class HopformerCLI(LightningCLI):
         os.environ.setdefault("WANDB_DIR", str(root))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            # jsonargparse wraps a data module's FileNotFoundError (the data is Optional, a Union) in a
+            # ValueError listing every Union member; re-raise the original, clear message.
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, FileNotFoundError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         root = trainer_cfg.get("default_root_dir") or "runs"
@@ -102,6 +119,16 @@ class HopformerCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        # ModelCheckpoint(save_last=True) refreshes last.ckpt only when a new best is saved; a second
+        # checkpoint callback without a monitor keeps last.ckpt at the latest epoch (for resuming).
+        # It goes after the "best" one so that trainer.checkpoint_callback (and ckpt_path="best") is the best.
+        if config.get("enable_checkpointing", True) is not False:
+            callbacks = [*callbacks, ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)]
+        else:  # the `checkpoint:` group would contradict enable_checkpointing=false
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _check(self) -> None:
         check = getattr(self.model, "check_datamodule", None)

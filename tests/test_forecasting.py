@@ -131,10 +131,16 @@ def test_uhop_two_stage_moves_only_the_feature_maps(tmp_path):
 
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-FORECAST_CONFIGS = [c for c in CONFIGS if c.name.startswith(("stanhop_", "forecast_"))]
+FAST_CONFIGS = {"forecast_default", "stanhop_etth1_96", "stanhop_etth1_96_uhop", "stanhop_etth1_720_uhop",
+                "stanhop_wth_336", "stanhop_ettm1_192", "forecast_dlinear_etth1_96", "forecast_repeat_last_etth1_96",
+                "stanhop_etth1_96_plug", "stanhop_etth1_96_tune"}
+FORECAST_CONFIGS = [
+    c if c.stem in FAST_CONFIGS else pytest.param(c, marks=pytest.mark.slow)
+    for c in CONFIGS if c.name.startswith(("stanhop_", "forecast_"))
+]
 
 
-@pytest.mark.parametrize("config", FORECAST_CONFIGS, ids=lambda c: c.stem)
+@pytest.mark.parametrize("config", FORECAST_CONFIGS, ids=lambda c: getattr(c, "stem", str(c)))
 def test_configs_build(config, tmp_path):
     """Every forecasting config parses and instantiates (model shrunk to keep this fast)."""
     from hopformer.cli import HopformerCLI
@@ -151,3 +157,15 @@ def test_configs_build(config, tmp_path):
     assert any(type(c).__name__ == "EarlyStopping" and c.monitor == "val_mse" for c in cli.trainer.callbacks)
     if "uhop" in config.stem:
         assert any(type(c).__name__ == "UHopSeparation" for c in cli.trainer.callbacks)
+
+
+def test_init_checkpoint_loads_plain_weights_into_a_memory_net(tmp_path):
+    kw = dict(seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2)
+    plain = ForecastingModule(STanHopNet(3, 24, 12, **kw))
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": plain.state_dict()}, ckpt)
+    tuned = ForecastingModule(STanHopNet(3, 24, 12, memory="tune", **kw), init_checkpoint=str(ckpt),
+                              train_memory_only=True)
+    torch.testing.assert_close(tuned.model.embedding.linear.weight, plain.model.embedding.linear.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        ForecastingModule(STanHopNet(3, 24, 12, **{**kw, "d_ff": 8}), init_checkpoint=str(ckpt))

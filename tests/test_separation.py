@@ -16,6 +16,7 @@ from hopformer.functional.separation import (
     entmax15,
     is_softmax,
     separate,
+    separated_attention,
     separation_conjugate,
     softmax,
     sparsemax,
@@ -289,3 +290,96 @@ def test_helpers():
     assert not is_softmax("sparsemax") and not is_softmax(1.5) and not is_softmax(torch.tensor(1.0))
     assert check_separation(1.0) == "softmax" and check_separation(2) == "sparsemax"
     assert check_separation(1.5) == "entmax15" and check_separation(1.25) == 1.25
+
+
+# ----------------------------------------------------------------------------- fused attention core
+
+
+def _explicit_attention(q, k, v, separation, beta, mask):
+    scores = q @ k.transpose(-1, -2) * beta
+    if mask is not None:
+        scores = scores.masked_fill(~mask, NEG_INF) if mask.dtype == torch.bool else scores + mask
+    return separate(scores, separation) @ v
+
+
+def _qkv(b=2, h=3, n=20, m=17, d=8, dv=5, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)  # noqa: E731
+    return mk(b, h, n, d), mk(b, h, m, d), mk(b, h, m, dv)
+
+
+@pytest.fixture(params=["default", "tiny_blocks", "no_scratch"])
+def block_mode(request, monkeypatch):
+    """Exercise the multi-block paths (rows split within a group) and the GPU-style no-scratch path."""
+    import hopformer.functional._separated_attention as sa
+    import hopformer.functional._separation_kernels as sk
+
+    if request.param == "tiny_blocks":
+        monkeypatch.setattr(sa, "_CHUNK_ELEMS", 64)
+        monkeypatch.setattr(sk, "_CHUNK_ELEMS", 64)
+    if request.param == "no_scratch":
+        monkeypatch.setattr(sk, "_scratch", lambda like, n, count=1: [None] * count)
+    return request.param
+
+
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax15", 1.3, 1.9, "per_head"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "key_padding"])
+def test_separated_attention_matches_explicit(separation, mask_kind, block_mode):
+    q, k, v = _qkv()
+    if separation == "per_head":
+        separation = torch.tensor([1.2, 1.5, 2.0], dtype=torch.float64).reshape(3, 1, 1)
+    gen = torch.Generator().manual_seed(2)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 20, 17, generator=gen) > 0.3
+        mask[0, 0, 4] = False  # a fully masked row reads out zeros
+    elif mask_kind == "float":
+        mask = torch.randn(20, 17, generator=gen, dtype=torch.float64)
+    elif mask_kind == "key_padding":
+        mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
+        mask[1, ..., 10:] = False
+    out = separated_attention(q, k, v, separation=separation, beta=0.6, mask=mask)
+    ref = _explicit_attention(q, k, v, separation, 0.6, mask)
+    assert torch.allclose(out, ref, atol=1e-10)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, grads_ref):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-9)
+    if mask_kind == "bool":
+        assert (out[0, :, 4] == 0).all()
+
+
+@pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.4])
+def test_gradcheck_separated_attention(separation, block_mode):
+    q, k, v = _qkv(1, 2, 6, 5, 3, 2)
+    beta = torch.tensor([[[0.9]], [[1.3]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, True, True, True, False])
+    f = lambda q, k, v, b: separated_attention(q, k, v, separation=separation, beta=b, mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v, beta), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_separated_attention_alpha(block_mode):
+    q, k, v = _qkv(1, 2, 6, 5, 3, 2)
+    alpha = torch.tensor([[[1.3]], [[1.8]]], dtype=torch.float64, requires_grad=True)
+    per_row = torch.linspace(1.2, 1.9, 6, dtype=torch.float64).reshape(6, 1).requires_grad_(True)
+    for a in (alpha, per_row):
+        f = lambda q, k, v, a: separated_attention(q, k, v, separation=a)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (q, k, v, a), eps=1e-6, atol=1e-5)
+
+
+def test_separated_attention_dtypes_and_bad_input():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    out = separated_attention(q, k, v, separation="entmax15")
+    assert out.dtype == torch.bfloat16
+    ref = _explicit_attention(q.float(), k.float(), v.float(), "entmax15", 8**-0.5, None)
+    assert torch.allclose(out.float(), ref, atol=3e-2)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="separation"):
+        separated_attention(q, k, v, separation="relu")
+    with pytest.raises(ValueError, match="keys"):
+        separated_attention(q, k[..., :4], v, separation="sparsemax")
+    with pytest.raises(ValueError, match="mask"):
+        separated_attention(q, k, v, separation="sparsemax", mask=torch.ones(3, 17, dtype=torch.bool))
+    with pytest.raises(ValueError, match="separation"):
+        separated_attention(q, k, v, separation=torch.full((4, 1, 1), 1.5))

@@ -72,7 +72,7 @@ def test_no_arguments_runs_the_default_config(tmp_path, monkeypatch, capsys):
 
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
     # Replace the default config's callbacks by one UHopSeparation with momentum (stage-I optimizer state).
-    common = [*_short(2, subset=256), "--trainer.callbacks", "[]",
+    common = [*_short(2, subset=256), "--test_after_fit", "false", "--trainer.callbacks", "[]",
               "--trainer.callbacks+=hopformer.training.UHopSeparation", "--trainer.callbacks.momentum=0.9"]
     straight = _fit(tmp_path, "straight", *common)
     first = _fit(tmp_path, "first", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs")
@@ -142,3 +142,31 @@ def test_wandb_offline(tmp_path, monkeypatch):
          "--trainer.limit_val_batches", "1", "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
          "--trainer.logger.offline", "true", "--trainer.logger.save_dir", str(tmp_path / "wandb_dir"))
     assert list((tmp_path / "wandb_dir").rglob("offline-run-*"))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_install_the_package_and_run_train_py(name):
+    """No Docker engine here: check the install and entry steps, and lint with hadolint when installed."""
+    import shutil
+    import subprocess
+
+    path = ROOT / "docker" / name
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM ")
+    assert "COPY hopformer ./hopformer" in lines and "RUN pip install ." in lines
+    assert "COPY configs ./configs" in lines and "COPY train.py ./" in lines
+    assert lines[-1] == 'ENTRYPOINT ["python", "train.py"]'
+    hadolint = shutil.which("hadolint")
+    if hadolint:
+        res = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_learnable_alpha_and_beta_are_logged(tmp_path):
+    _fit(tmp_path, "alpha", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]",
+         "--model.init_args.backbone_kwargs",
+         "{attention: hopfield, separation: learnable, attn_kwargs: {learnable_beta: true}}")
+    header = (tmp_path / "alpha" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "hopfield/blocks.0.attn/alpha" in header and "hopfield/blocks.1.attn.beta" not in header
+    assert "hopfield/blocks.1.attn/beta" in header and "lr-AdamW" in header

@@ -7,12 +7,19 @@ from .separation import (
     entmax15,
     is_softmax,
     separate,
+    separated_attention,
     separation_conjugate,
     softmax,
     sparsemax,
 )
 from .hopfield import as_additive_mask, association, hopfield_energy, hopfield_retrieve
-from .separation_loss import SEPARATION_LOSSES, separation_loss
+from .separation_loss import (
+    SEPARATION_LOSSES,
+    min_pairwise_distance,
+    pairwise_sq_distances,
+    separation_loss,
+    separation_loss_from_gram,
+)
 from .continuous import (
     continuous_energy,
     continuous_retrieve,

@@ -19,13 +19,13 @@ from torch.autograd.function import once_differentiable
 from hopformer.functional._separation_kernels import (
     _MAX_NEWTON,
     _entmax_backward_rows,
-    _entmax_from_threshold,
+    _entmax_weights_and_gppr,
     _entmax_rows,
     _sparsemax_backward_rows,
     _sparsemax_rows,
 )
 
-_CHUNK_ELEMS = 1 << 19
+_CHUNK_ELEMS = 1 << 18
 _CHUNK_ELEMS_GPU = 1 << 25
 
 
@@ -63,21 +63,23 @@ class SeparatedAttentionFunction(Function):
         out = q.new_empty(groups, n, v.shape[-1])
         tau = q.new_empty(groups, n, 1)
         norm = q.new_ones(groups, n, 1)
-        buf = q.new_empty(_CHUNK_ELEMS if q.device.type == "cpu" else 0)
         a_t = alpha if isinstance(alpha, torch.Tensor) else None
+        ws = _Workspace(q, n, m, 4)
+        k_t = k.transpose(1, 2)
         for gs, rs in _blocks(groups, n, m, q.device):
-            x = _scores(q, k, beta, mask, gs, rs)
-            shape = x.shape
-            rows = x.reshape(-1, m)
-            p = buf[: rows.numel()].view_as(rows) if buf.numel() >= rows.numel() else torch.empty_like(rows)
+            x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
+            torch.bmm(q[gs, rs], k_t[gs], out=x)
+            _add_mask(x.mul_(beta[gs]), mask, gs, rs)
+            rows = x.view(-1, m)
+            p = ws.get(1, rows.shape)
             if kind == "sparsemax":
-                t = _sparsemax_rows(rows, p)
+                t = _sparsemax_rows(rows, p, ws.bufs[2])
             else:
-                a = _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1) if a_t is not None else alpha
-                t, nrm = _entmax_rows(rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter)
-                norm[gs, rs] = nrm.reshape(shape[0], shape[1], 1)
-            tau[gs, rs] = t.reshape(shape[0], shape[1], 1)
-            out[gs, rs] = torch.bmm(p.view(shape), v[gs])
+                a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
+                t, nrm = _entmax_rows(rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
+                norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
+            tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
+            torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
         ctx.kind, ctx.alpha_f = kind, (None if a_t is not None else alpha)
         ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, norm)
         return out
@@ -91,28 +93,33 @@ class SeparatedAttentionFunction(Function):
         g_out = g_out.contiguous()
         need_alpha = a_t is not None and ctx.needs_input_grad[4]
         need_beta = ctx.needs_input_grad[3]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dbeta = torch.zeros_like(beta) if need_beta else None
         dalpha = torch.zeros_like(a_t) if need_alpha else None
+        ws = _Workspace(q, n, m, 5)
+        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         for gs, rs in _blocks(groups, n, m, q.device):
-            raw = torch.bmm(q[gs, rs], k[gs].transpose(1, 2))
-            shape = raw.shape
-            x = _add_mask(raw * beta[gs], mask, gs, rs).reshape(-1, m)
+            shape = (gs.stop - gs.start, rs.stop - rs.start, m)
+            raw = ws.get(0, shape)
+            torch.bmm(q[gs, rs], k_t[gs], out=raw)
+            x = ws.get(1, shape)
+            _add_mask(torch.mul(raw, beta[gs], out=x), mask, gs, rs)
+            x = x.view(-1, m)
             t = tau[gs, rs].reshape(-1, 1)
             go = g_out[gs, rs]
-            dp = torch.bmm(go, v[gs].transpose(1, 2)).reshape(-1, m)
-            ds = torch.empty_like(dp)
+            dp = ws.get(2, shape)
+            torch.bmm(go, v_t[gs], out=dp)
+            dp = dp.view(-1, m)
+            ds = ws.get(3, dp.shape)
             if ctx.kind == "sparsemax":
-                p = torch.sub(x, t).relu_()
-                _sparsemax_backward_rows(p, dp, ds)
+                p = x.sub_(t).relu_()
+                _sparsemax_backward_rows(p, dp, ds, ws.bufs[4])
             else:
-                a = (
-                    _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
-                    if a_t is not None
-                    else ctx.alpha_f
+                a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else ctx.alpha_f
+                p, gppr = _entmax_weights_and_gppr(
+                    x.mul_(a - 1.0), a, t, norm[gs, rs].reshape(-1, 1), ws.get(4, x.shape)
                 )
-                p = _entmax_from_threshold(x.mul_(a - 1.0), 1.0 / (a - 1.0), t, norm[gs, rs].reshape(-1, 1))
-                da = _entmax_backward_rows(p, dp, a, ds, need_alpha)
+                da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
                 if need_alpha:
                     da = da.view(shape[0], shape[1], 1)
                     if a_t.shape[1] == 1:
@@ -120,13 +127,34 @@ class SeparatedAttentionFunction(Function):
                     else:
                         dalpha[gs, rs] += da
             p3, ds3 = p.view(shape), ds.view(shape)
-            dv[gs] += torch.bmm(p3.transpose(1, 2), go)
+            dv[gs].baddbmm_(p3.transpose(1, 2), go)
             if need_beta:
-                dbeta[gs] += torch.linalg.vecdot(ds, raw.reshape(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
-            ds3 = ds3 * beta[gs]
-            dq[gs, rs] = torch.bmm(ds3, k[gs])
-            dk[gs] += torch.bmm(ds3.transpose(1, 2), q[gs, rs])
+                dbeta[gs] += torch.linalg.vecdot(ds, raw.view(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
+            ds3.mul_(beta[gs])
+            torch.bmm(ds3, k[gs], out=dq[gs, rs])
+            dk[gs].baddbmm_(ds3.transpose(1, 2), q[gs, rs])
         return dq, dk, dv, dbeta, dalpha, None, None, None, None
+
+
+class _Workspace:
+    """`count` flat buffers of one block's size, reused by every block (no per-block allocation)."""
+
+    def __init__(self, like: torch.Tensor, n: int, m: int, count: int):
+        limit = _CHUNK_ELEMS if like.device.type == "cpu" else _CHUNK_ELEMS_GPU
+        per = max(1, limit // max(m, 1))
+        size = (per if per < n else (per // n) * n) * m
+        size = min(size, like.shape[0] * n * m)
+        self.bufs = [like.new_empty(size) for _ in range(count)]
+
+    def get(self, i: int, shape) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        return self.bufs[i][:numel].view(shape)
+
+
+def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice, shape) -> torch.Tensor:
+    return _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
 
 
 def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice) -> torch.Tensor:
@@ -136,11 +164,6 @@ def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slic
     if block.dtype == torch.bool:
         return x.masked_fill_(~block, float("-inf"))
     return x.add_(block)
-
-
-def _scores(q, k, beta, mask, gs: slice, rs: slice) -> torch.Tensor:
-    x = torch.bmm(q[gs, rs], k[gs].transpose(1, 2)).mul_(beta[gs])
-    return _add_mask(x, mask, gs, rs)
 
 
 def _groups(t: torch.Tensor, lead: List[int], tail: Tuple[int, ...]) -> torch.Tensor:

@@ -2,34 +2,39 @@
 
 All functions here work on a contiguous 2-D tensor of rows `(R, n)` (float32 or float64) and
 map each row onto the probability simplex. On CPU the rows are processed in chunks of about
-`_CHUNK_ELEMS` elements so that every intermediate stays in cache and is reused; on GPU a chunk
-is the whole tensor.
+`_CHUNK_ELEMS` elements with preallocated scratch buffers, so every intermediate stays in cache
+and no large temporary is allocated (page faults of fresh buffers cost more than the arithmetic);
+on GPU a chunk is the whole tensor.
 
-Thresholds are found without sorting (Blondel et al. 2020; Peters et al. 2019):
+Thresholds are found without sorting (cf. Blondel et al. 2020; Peters et al. 2019):
 
-- sparsemax (Martins & Astudillo 2016): Michelot's support iteration started from
-  `tau = max - 1`, i.e. Newton's method on the piecewise-linear `sum (z - tau)_+ = 1` from the
-  left; it increases monotonically and stops, exactly, when the support stops shrinking.
-- alpha-entmax, `x = (alpha - 1) z`, `p = (x - tau)_+^(1 / (alpha - 1))`: Newton's method from
-  the left (`tau = max x - 1`) on the convex `F(tau) = ||(x - tau)_+||_e = 1`,
-  `e = 1 / (alpha - 1)` (exact in one step for a single or equal top entries). For alpha = 1.5
-  (e = 2) the threshold is then taken in closed form on the found support
-  (`tau = mean - sqrt(1/k - var)`, Peters et al. 2019, Alg. 2) and checked, so the result is
-  exact; for other alpha the iteration stops at `|F - 1| <= tol` and the row is renormalised.
+- sparsemax (Martins & Astudillo 2016): Michelot's support iteration `tau <- (sum_S x - 1)/|S|`,
+  `S = {x > tau}`, i.e. Newton's method on the piecewise-linear `sum (x - tau)_+ = 1` from the
+  left, started from the lower bound `max(max x - 1, (sum x - 1) / n)`. `tau` increases
+  monotonically and is exact as soon as the support stops changing; rows that have converged
+  leave the iteration (row compaction).
+- alpha-entmax, `x = (alpha - 1) z`, `p = (x - tau)_+^e`, `e = 1 / (alpha - 1)`: Newton's method
+  from the left on the convex `F(tau) = ||(x - tau)_+||_e = 1` (exact in one step when the top
+  entries are equal), started from `max(max x - 1, mean x - n^(-1/e))` (power-mean bound). For
+  alpha = 1.5 (e = 2) each row finishes with the closed-form threshold on its support
+  (`tau = mean - sqrt(1/k - var)`, Peters et al. 2019, Alg. 2), accepted only if it reproduces
+  that support, so the result is exact; for other alpha a row stops at `|F - 1| <= tol` (or when
+  Newton stalls) and is renormalised.
 
 Backward passes use the closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10,
-`grad = gppr * (g - <g, gppr> / sum gppr)` with `gppr = p^(2 - alpha)`) and, for alpha,
-Correia et al. 2019 (Adaptively sparse transformers, eq. 12-14).
+`grad = gppr * (g - <g, gppr> / sum gppr)`, `gppr = p^(2 - alpha)`: the support indicator for
+sparsemax, `sqrt(p)` for 1.5-entmax) and, for alpha, Correia et al. 2019 (Adaptively sparse
+transformers, eq. 12-14).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch.autograd import Function
 
-_CHUNK_ELEMS = 1 << 19
+_CHUNK_ELEMS = 1 << 18
 _MAX_NEWTON = 60
 
 Exponent = Union[float, torch.Tensor]
@@ -43,6 +48,20 @@ def _chunks(rows: int, n: int, device: torch.device) -> Iterator[slice]:
     step = max(1, _CHUNK_ELEMS // max(n, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+def _scratch(like: torch.Tensor, n: int, count: int = 1):
+    """`count` flat scratch buffers big enough for one chunk of rows of length `n`."""
+    if like.device.type != "cpu":
+        return [None] * count
+    size = max(1, _CHUNK_ELEMS // max(n, 1)) * n
+    return [like.new_empty(min(size, like.numel())) for _ in range(count)]
+
+
+def _view(buf: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if buf is None or buf.numel() < like.numel():
+        return None
+    return buf[: like.numel()].view(like.shape)
 
 
 def _row_max(x: torch.Tensor) -> torch.Tensor:
@@ -62,30 +81,53 @@ def _pick(e: Exponent, sl: slice) -> Exponent:
 # ----------------------------------------------------------------------------- sparsemax
 
 
-def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write sparsemax of the rows of `x` into `out` (same shape); return the thresholds `(c, 1)`.
 
-    Michelot's iteration from `tau = max - 1` (a lower bound of the threshold): the support
-    `{x > tau}` shrinks until it is stable, and then `tau` is exact. Counts use `sign` of the
-    clipped values (float ops; boolean tensors are several times slower on CPU).
+    Counts use `sign` of the clipped values (float ops; boolean tensors are slower on CPU).
     """
-    tau = _row_max(x) - 1.0
-    prev = None
-    for _ in range(x.shape[-1] + 2):
-        r = torch.sub(x, tau, out=out).relu_()
-        cnt = torch.sign(r).sum(dim=-1, keepdim=True)
-        if prev is not None and torch.equal(cnt, prev):
-            return tau
-        tau = tau + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1.0)
+    n = x.shape[-1]
+    tau = torch.maximum(_row_max(x) - 1.0, (x.sum(dim=-1, keepdim=True) - 1.0) / n)
+    scratch = _view(scratch, x)
+    act = None  # indices of the rows still iterating (None: all rows)
+    xa, prev = x, None
+    for _ in range(n + 2):
+        full = act is None
+        ta = tau if full else tau[act]
+        r = torch.sub(xa, ta, out=out if full else None).relu_()
+        cnt = (torch.sign(r, out=scratch) if full and scratch is not None else torch.sign(r)).sum(-1, keepdim=True)
+        moving = None
+        if prev is not None:
+            moving = (cnt != prev).squeeze(-1)
+            k = int(moving.sum())
+            if k == 0:
+                break
+        new = ta + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1.0)
+        if full:
+            tau = new
+        else:
+            tau[act] = new
+        if moving is not None and 4 * k <= r.shape[0]:
+            sel = moving.nonzero().squeeze(-1)
+            act = sel if full else act[sel]
+            xa, cnt = x[act], cnt[sel]
         prev = cnt
-    raise RuntimeError("sparsemax support iteration did not converge (please report)")
+    else:
+        raise RuntimeError("sparsemax support iteration did not converge (please report)")
+    if act is not None:
+        torch.sub(x, tau, out=out).relu_()
+    return tau
 
 
-def _sparsemax_backward_rows(p: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+def _sparsemax_backward_rows(
+    p: torch.Tensor, g: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None
+) -> None:
     """out = s * (g - mean_s(g)), s the support indicator (Martins & Astudillo 2016, eq. 14)."""
-    support = torch.sign(p)
-    mean = torch.linalg.vecdot(g, support).unsqueeze(-1) / support.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    torch.sub(g, mean, out=out).mul_(support)
+    scratch = _view(scratch, p)
+    support = torch.sign(p, out=scratch) if scratch is not None else torch.sign(p)
+    torch.mul(g, support, out=out)
+    mean = out.sum(dim=-1, keepdim=True) / support.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    out.addcmul_(support, mean, value=-1.0)
 
 
 class SparsemaxFunction(Function):
@@ -94,18 +136,23 @@ class SparsemaxFunction(Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:
         p = torch.empty_like(z)
+        (buf,) = _scratch(z, z.shape[1])
         for sl in _chunks(z.shape[0], z.shape[1], z.device):
-            _sparsemax_rows(z[sl], p[sl])
+            _sparsemax_rows(z[sl], p[sl], buf)
         ctx.save_for_backward(p)
         return p
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (p,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiable formula
+            s = torch.sign(p)
+            return s * (g - (g * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(1.0))
         g = g.contiguous()
         dz = torch.empty_like(g)
+        (buf,) = _scratch(p, p.shape[1])
         for sl in _chunks(p.shape[0], p.shape[1], p.device):
-            _sparsemax_backward_rows(p[sl], g[sl], dz[sl])
+            _sparsemax_backward_rows(p[sl], g[sl], dz[sl], buf)
         return dz
 
 
@@ -113,94 +160,162 @@ class SparsemaxFunction(Function):
 
 
 def _entmax_rows(
-    x: torch.Tensor, e: Exponent, out: torch.Tensor, tol: float, max_iter: int
+    x: torch.Tensor,
+    e: Exponent,
+    out: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    scratch: Optional[torch.Tensor] = None,
+    scratch2: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Write alpha-entmax of the rows of `x = (alpha - 1) z` into `out`, `e = 1 / (alpha - 1)`.
 
-    Returns `(tau, norm)` `(c, 1)` with `out = (x - tau)_+^e / norm` (`norm = 1` on exact paths).
-    `e == 2.0` (alpha = 1.5) finishes with the exact closed-form threshold on the support.
+    Returns `(tau, norm)` `(c, 1)` with `out = (x - tau)_+^e / norm` (`norm = 1` on exact rows).
     """
+    if isinstance(e, float) and e == 2.0:
+        return _entmax15_rows(x, out, max_iter, scratch, scratch2)
     tiny = torch.finfo(x.dtype).tiny
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    tau = _row_max(x) - 1.0
-    quadratic = isinstance(e, float) and e == 2.0
+    n = x.shape[-1]
     linear = isinstance(e, float) and e == 1.0
     has_one = isinstance(e, torch.Tensor) and bool((e == 1.0).any())
+    inv_e = 1.0 / e
+    bound = x.mean(dim=-1, keepdim=True) - (n**-inv_e if isinstance(e, float) else torch.pow(n, -inv_e))
+    tau = torch.maximum(_row_max(x) - 1.0, bound)
+    scratch = _view(scratch, x)
     for _ in range(max_iter):
         r = torch.sub(x, tau, out=out).relu_()
-        if quadratic:
-            r_em1 = r
-        elif linear:
-            r_em1 = torch.sign(r)
+        if linear:
+            r_em1 = torch.sign(r, out=scratch) if scratch is not None else torch.sign(r)
         else:
-            r_em1 = r.pow(e - 1.0)
+            r_em1 = torch.pow(r, e - 1.0, out=scratch) if scratch is not None else r.pow(e - 1.0)
             if has_one:  # rows with alpha = 2: 0^0 must count as 0
                 r_em1.mul_(torch.sign(r))
         s_em1 = r_em1.sum(dim=-1, keepdim=True)
         f = torch.linalg.vecdot(r_em1, r).unsqueeze(-1)  # sum r^e; 0 only for all -inf rows
         f_safe = f.clamp_min(tiny)
-        big_f = f_safe.sqrt() if quadratic else f_safe.pow(1.0 / e)
+        big_f = f_safe.pow(inv_e)
         empty = f <= 0
-        if quadratic and bool((((big_f - 1.0).abs() <= 1e-3) | empty).all()):
-            # closed form on the support S = {x > tau} (Peters et al. 2019, Alg. 2), exact when
-            # {x > tau_cf} = S again (then sum_S (x - tau_cf)^2 = 1 is the optimality condition)
-            cnt = torch.sign(r).sum(dim=-1, keepdim=True)
-            k = cnt.clamp_min(1.0)
-            mean = s_em1 / k
-            tau_cf = tau + mean - (1.0 / k - (f / k - mean * mean)).clamp_min(0).sqrt()
-            r2 = torch.sub(x, tau_cf).relu_()
-            if torch.equal(torch.sign(r2).sum(dim=-1, keepdim=True), cnt):
-                torch.mul(r2, r2, out=out)
-                return tau_cf, one.expand_as(tau_cf)
-        step = (big_f - 1.0) * f_safe / (big_f * s_em1.clamp_min(tiny))
-        tau_new = tau + step.masked_fill_(empty, 0.0)
-        if not quadratic and bool((((big_f - 1.0).abs() <= tol) | empty | (tau_new == tau)).all()):
-            if not linear:
+        step = ((big_f - 1.0) * f_safe / (big_f * s_em1.clamp_min(tiny))).masked_fill_(empty, 0.0)
+        tau_new = tau + step
+        if bool((((big_f - 1.0).abs() <= tol) | empty | (tau_new == tau)).all()):
+            if not linear:  # r^e at the current tau
                 r.mul_(r_em1)
             out.div_(f_safe)
             return tau, f_safe
-        if quadratic and bool((tau_new == tau).all()):
-            break
         tau = tau_new
-    # reached only without exact convergence: last iterate, renormalised
     r = torch.sub(x, tau, out=out).relu_()
     if not linear:
         r.pow_(e)
-    norm = out.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    norm = r.sum(dim=-1, keepdim=True).clamp_min(tiny)
     out.div_(norm)
     return tau, norm
 
 
-def _entmax_from_threshold(x: torch.Tensor, e: Exponent, tau: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Recompute `p = (x - tau)_+^e / norm` from saved thresholds."""
-    r = torch.sub(x, tau).relu_()
-    if isinstance(e, float) and e == 2.0:
-        r.mul_(r)
-    elif not (isinstance(e, float) and e == 1.0):
-        r.pow_(e)
-    return r.div_(norm)
+def _entmax15_rows(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    max_iter: int,
+    scratch: Optional[torch.Tensor] = None,
+    scratch2: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact 1.5-entmax of the rows of `x = z / 2`: Newton from the left on `||(x - tau)_+||_2 = 1`;
+    at every iterate the closed-form threshold of the support `S = {x > tau}` is tried and
+    accepted when `{x > tau_cf} = S` (then `sum_S (x - tau_cf)^2 = 1` is the optimality
+    condition). Rows that are done leave the iteration."""
+    tiny = torch.finfo(x.dtype).tiny
+    n = x.shape[-1]
+    tau = torch.maximum(_row_max(x) - 1.0, x.mean(dim=-1, keepdim=True) - n**-0.5)
+    exact = torch.zeros_like(tau, dtype=torch.bool)
+    scratch, scratch2 = _view(scratch, x), _view(scratch2, x)
+    act = None  # indices of the rows still iterating (None: all rows)
+    xa = x
+    for _ in range(max_iter):
+        full = act is None
+        ta = tau if full else tau[act]
+        r = torch.sub(xa, ta, out=out if full else None).relu_()
+        s1 = r.sum(dim=-1, keepdim=True)
+        f = torch.linalg.vecdot(r, r).unsqueeze(-1)
+        empty = f <= 0
+        big_f = f.clamp_min(tiny).sqrt()
+        newton = ta + ((big_f - 1.0) * f / (big_f * s1.clamp_min(tiny))).masked_fill_(empty, 0.0)
+        ok = empty
+        if bool(((big_f - 1.0).abs() <= 0.1).any()):  # the closed form rarely holds far from the root
+            sgn = torch.sign(r, out=scratch) if full and scratch is not None else torch.sign(r)
+            cnt = sgn.sum(-1, keepdim=True)
+            k = cnt.clamp_min(1.0)
+            mean = s1 / k
+            tau_cf = ta + mean - (1.0 / k - (f / k - mean * mean)).clamp_min(0).sqrt()
+            r2 = torch.sub(xa, tau_cf, out=scratch2 if full else None).relu_()
+            sgn2 = torch.sign(r2, out=scratch) if full and scratch is not None else torch.sign(r2)
+            ok = (sgn2.sum(-1, keepdim=True) == cnt) | empty
+            newton = torch.where(ok, tau_cf, newton)
+        stop = ok | (newton == ta)
+        if full:
+            tau, exact = newton, ok
+        else:
+            tau[act], exact[act] = newton, ok
+        live = ~stop.squeeze(-1)
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if 4 * n_live <= r.shape[0]:
+            sel = live.nonzero().squeeze(-1)
+            act = sel if full else act[sel]
+            xa = x[act]
+    r = torch.sub(x, tau, out=out).relu_()
+    r.mul_(r)
+    if bool(exact.all()):
+        return tau, torch.ones_like(tau)
+    norm = r.sum(dim=-1, keepdim=True).clamp_min(tiny).masked_fill_(exact, 1.0)
+    out.div_(norm)
+    return tau, norm
 
 
-def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor]) -> torch.Tensor:
+def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """p^(2 - alpha) on the support, 0 elsewhere (Peters et al. 2019, eq. 10)."""
+    kw = {} if out is None else {"out": out}
     if isinstance(alpha, float):
         if alpha == 1.5:
-            return p.sqrt()
+            return torch.sqrt(p, **kw)
         if alpha == 2.0:
-            return torch.sign(p)
-        return p.pow(2.0 - alpha)
-    gppr = p.pow(2.0 - alpha)
+            return torch.sign(p, **kw)
+        return torch.pow(p, 2.0 - alpha, **kw)
+    gppr = torch.pow(p, 2.0 - alpha, **kw)
     if bool((alpha == 2.0).any()):
         gppr.mul_(torch.sign(p))
     return gppr
 
 
-def _entmax_backward_rows(p, g, alpha, out, need_alpha: bool):
+def _entmax_weights_and_gppr(
+    x: torch.Tensor, alpha: Union[float, torch.Tensor], tau: torch.Tensor, norm: torch.Tensor, scratch: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """From saved thresholds: `p = (x - tau)_+^e / norm` (in place in `x`) and `gppr = p^(2 - alpha)`
+    (in `scratch`) with a single power: `gppr = (x - tau)_+^(e - 1) * norm^(alpha - 2)`."""
+    r = x.sub_(tau).relu_()
+    if isinstance(alpha, float) and alpha == 2.0:
+        gppr = torch.sign(r, out=scratch)
+        return r.div_(norm), gppr
+    if isinstance(alpha, float) and alpha == 1.5:
+        gppr = torch.mul(r, norm.rsqrt(), out=scratch)
+        return r.mul_(r).div_(norm), gppr
+    e = 1.0 / (alpha - 1.0)
+    r_em1 = torch.pow(r, e - 1.0, out=scratch)
+    if isinstance(alpha, torch.Tensor) and bool((alpha == 2.0).any()):
+        r_em1.mul_(torch.sign(r))
+    p = r.mul_(r_em1).div_(norm)
+    return p, r_em1.mul_(torch.pow(norm, alpha - 2.0))
+
+
+def _entmax_backward_rows(
+    p, g, alpha, out, need_alpha: bool, scratch: Optional[torch.Tensor] = None, gppr: Optional[torch.Tensor] = None
+):
     """out = gppr * (g - <g, gppr> / sum gppr); returns d loss / d alpha per row when asked."""
-    gppr = _gppr(p, alpha)
+    if gppr is None:
+        gppr = _gppr(p, alpha, _view(scratch, p))
     s_gppr = gppr.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    q = torch.linalg.vecdot(g, gppr).unsqueeze(-1) / s_gppr
-    torch.sub(g, q, out=out).mul_(gppr)
+    torch.mul(g, gppr, out=out)
+    q = out.sum(dim=-1, keepdim=True) / s_gppr
+    out.addcmul_(gppr, q, value=-1.0)
     if not need_alpha:
         return None
     # Correia et al. 2019, eq. 12-14: dp/dalpha
@@ -212,10 +327,24 @@ def _entmax_backward_rows(p, g, alpha, out, need_alpha: bool):
     return torch.linalg.vecdot(g, d).unsqueeze(-1)
 
 
-class EntmaxFunction(Function):
-    """alpha-entmax over the last dim of `(R, n)` rows; alpha a float or an `(R, 1)` tensor.
+def _entmax_backward_simple(p, g, a, need_alpha: bool):
+    """Differentiable (double-backward) form of `_entmax_backward_rows`."""
+    gppr = p.pow(2.0 - a) * torch.sign(p)
+    s = gppr.sum(-1, keepdim=True)
+    dz = gppr * (g - (g * gppr).sum(-1, keepdim=True) / s)
+    if not need_alpha:
+        return dz, None
+    am1 = a - 1.0
+    plogp = torch.xlogy(p, p)
+    skew = gppr / s
+    d = (p - skew) / (am1 * am1) - (plogp - skew * plogp.sum(-1, keepdim=True)) / am1
+    return dz, (g * d).sum(-1, keepdim=True)
 
-    Differentiable w.r.t. the scores and (tensor) alpha. `tol` bounds `| ||p_unnorm||... - 1|`.
+
+class EntmaxFunction(Function):
+    """alpha-entmax over the last dim of `(R, n)` rows; alpha a float in (1, 2] or an `(R, 1)` tensor.
+
+    Differentiable w.r.t. the scores and (tensor) alpha; `tol` and `max_iter` as in `_entmax_rows`.
     """
 
     @staticmethod
@@ -224,10 +353,10 @@ class EntmaxFunction(Function):
         a = alpha.detach().to(z.dtype) if is_tensor else float(alpha)
         e = 1.0 / (a - 1.0)
         p = torch.empty_like(z)
+        buf, buf2 = _scratch(z, z.shape[1], 2)
         for sl in _chunks(z.shape[0], z.shape[1], z.device):
-            am1 = _pick(a, sl) - 1.0
-            x = z[sl] * am1
-            _entmax_rows(x, _pick(e, sl), p[sl], tol, max_iter)
+            x = z[sl] * (_pick(a, sl) - 1.0)
+            _entmax_rows(x, _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
         ctx.alpha = a if not is_tensor else None
         ctx.save_for_backward(p, a if is_tensor else None)
         return p
@@ -237,11 +366,15 @@ class EntmaxFunction(Function):
         p, a_t = ctx.saved_tensors
         a = a_t if a_t is not None else ctx.alpha
         need_alpha = a_t is not None and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # double backward: differentiable formula
+            dz, da = _entmax_backward_simple(p, g, a, need_alpha)
+            return dz, da, None, None
         g = g.contiguous()
         dz = torch.empty_like(g)
         da = torch.empty_like(a_t) if need_alpha else None
+        (buf,) = _scratch(p, p.shape[1])
         for sl in _chunks(p.shape[0], p.shape[1], p.device):
-            d = _entmax_backward_rows(p[sl], g[sl], _pick(a, sl), dz[sl], need_alpha)
+            d = _entmax_backward_rows(p[sl], g[sl], _pick(a, sl), dz[sl], need_alpha, buf)
             if need_alpha:
                 da[sl] = d
         return dz, da, None, None

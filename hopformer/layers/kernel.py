@@ -179,7 +179,8 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
         feature_init: initialisation of ``Phi`` (see :class:`FeatureMap`).
 
     When ``stored_dim != dim`` the queries get their own feature map ``query_feature_map`` (a kernel needs one
-    ``Phi`` per input space); the separation loss always uses the stored patterns' ``feature_map``.
+    ``Phi`` per input space; otherwise ``query_feature_map`` is ``None`` and ``feature_map`` serves both); the
+    separation loss always uses the stored patterns' ``feature_map``.
     With ``project=False`` this is exactly the retrieval dynamics ``T_K`` of eq. (2.4) (the head split then
     applies to ``kernel_dim``, which ``num_heads`` must divide). ``energy`` is the kernelized energy
     ``-(1/beta) Psi*(beta K(Xi, x)) + 0.5 K(x, x)`` in each head's association space.
@@ -200,7 +201,7 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
         kernel_dim = kernel_dim if kernel_dim is not None else max(self.dim, self.stored_dim)
         self.feature_map = FeatureMap(self.stored_dim, kernel_dim, init=feature_init)
         self.query_feature_map = (
-            self.feature_map if self.stored_dim == self.dim else FeatureMap(self.dim, kernel_dim, init=feature_init)
+            None if self.stored_dim == self.dim else FeatureMap(self.dim, kernel_dim, init=feature_init)
         )
         self.kernel_dim = self.feature_map.kernel_dim
         inner = self.head_dim * self.num_heads
@@ -218,7 +219,7 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
 
     def project_query(self, state: Tensor) -> Tensor:
         """``W_Q Phi(x)`` split into heads: ``(B, Lq, dim) -> (B, H, Lq, head_dim)``."""
-        phi = self.query_feature_map(state)
+        phi = (self.query_feature_map or self.feature_map)(state)
         return self._split_kernel(self.q_proj(phi) if self.project else phi)
 
     def project_keys(self, stored: Tensor) -> Tensor:
@@ -247,8 +248,19 @@ class KernelizedHopfieldAttention(SeparationLossMixin, HopfieldAttention):
     Use ``KernelizedHopfieldAttention.configure(separation=..., kernel_dim=...)`` as ``attn_layer``.
     """
 
+    _kernel_defaults: dict = {}
+    KERNEL_OPTIONS = ("kernel_dim", "t", "loss", "feature_init")
+
+    @classmethod
+    def configure(cls, **options) -> type:
+        """A subclass whose constructor defaults to ``options`` (Hopfield and kernel options alike)."""
+        kernel = {k: options.pop(k) for k in cls.KERNEL_OPTIONS if k in options}
+        sub = super().configure(**options)
+        sub._kernel_defaults = {**cls._kernel_defaults, **kernel}
+        return sub
+
     def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = {**self._defaults, **kwargs}
+        options = {**self._kernel_defaults, **kwargs}
         kernel_dim = options.pop("kernel_dim", None)
         t, loss = options.pop("t", 2.0), options.pop("loss", "average")
         feature_init = options.pop("feature_init", "orthogonal")

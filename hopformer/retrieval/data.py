@@ -93,7 +93,7 @@ def _folder(root: Path, n: int | None, seed: int) -> ImageSet:
         if image.shape != first.shape:
             raise ValueError(f"images in {root} differ in size: {image.shape} vs {first.shape}; resize them first")
         array[i] = image
-    return _from_uint8(array, root.name or "folder")
+    return _from_uint8(array, "/".join(p for p in (root.parent.name, root.name) if p) or "folder")
 
 
 def load_images(

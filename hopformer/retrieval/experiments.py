@@ -244,6 +244,13 @@ def reduction_vs_mhm(summary) -> dict[str, float]:
     return out
 
 
+def _errorbar(ax, x, group, label: str) -> None:
+    """Mean +- std over seeds; the lower bar is cut at zero (errors are non-negative)."""
+    std = group.error_std.fillna(0).to_numpy()
+    mean = group.error_mean.to_numpy()
+    ax.errorbar(x, mean, yerr=[np.minimum(std, mean), std], label=label, marker="o", capsize=2)
+
+
 def plot_sweep(summary, out_dir: Path) -> list[Path]:
     """``capacity.png``, ``noise.png`` and ``kernel_steps.png`` (mean +- std over seeds)."""
     import matplotlib
@@ -261,9 +268,11 @@ def plot_sweep(summary, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, group in part.groupby("model"):
             group = group.sort_values(x)
-            ax.errorbar(group[x], group.error_mean, yerr=group.error_std.fillna(0), label=MODELS[name][0],
-                        marker="o", capsize=2)
-        ax.set(xlabel=xlabel, ylabel="sum-of-squares error", yscale="log", title=f"{part.source.iloc[0]}: {sweep}")
+            _errorbar(ax, group[x], group, label=MODELS[name][0])
+        ax.set(xlabel=xlabel, ylabel="sum-of-squares error", title=f"{part.source.iloc[0]}: {sweep}",
+               xscale="log" if sweep == "capacity" else "linear")
+        ax.set_yscale("symlog", linthresh=1e-2)  # exact retrievals (error 0) stay visible
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / fname, dpi=120)
@@ -274,10 +283,11 @@ def plot_sweep(summary, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for size, group in part.groupby("memory_size"):
             group = group.sort_values("kernel_steps")
-            ax.errorbar(group.kernel_steps.clip(lower=0.5), group.error_mean, yerr=group.error_std.fillna(0),
-                        label=f"M = {size}", marker="o", capsize=2)
-        ax.set(xlabel="stage-I steps N (0 shown at 0.5)", ylabel="sum-of-squares error", xscale="log", yscale="log",
+            _errorbar(ax, group.kernel_steps.clip(lower=0.5), group, label=f"M = {size}")
+        ax.set(xlabel="stage-I steps N (0 shown at 0.5)", ylabel="sum-of-squares error", xscale="log",
                title=f"{part.source.iloc[0]}: U-Hop error vs stage-I steps")
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "kernel_steps.png", dpi=120)

@@ -93,7 +93,14 @@ class ForecastingModule(L.LightningModule):
                 p.requires_grad_(".memory." in f".{name}")
         if init_checkpoint is not None:
             state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-            self.load_state_dict(state, strict=False)
+            try:
+                result = self.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise ValueError(f"init_checkpoint={init_checkpoint!r} does not fit this model: {err}") from None
+            missing = [k for k in result.missing_keys if ".memory." not in k]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"init_checkpoint={init_checkpoint!r} does not fit this model: missing "
+                                 f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
     # ------------------------------------------------------------------ model
     def forward(self, x: Tensor) -> Tensor:
