@@ -122,6 +122,16 @@ def test_matches_reference_values_and_gradients(separation, scale):
         assert torch.equal(p == 0, r == 0), "exact support"
 
 
+@pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.1, 1.3, 1.7])
+def test_long_rows_float32_match_float64_reference(separation):
+    z = _scores(8, 2048, scale=1.0)
+    ref = _ref(separation, z.double())
+    assert torch.allclose(separate(z, separation).double(), ref, atol=1e-5)
+    q, k, v = _scores(2, 8, 4, seed=1), _scores(2, 2048, 4, seed=2), _scores(2, 2048, 4, seed=3)
+    out = separated_attention(q, k, v, separation=separation)
+    assert torch.allclose(out.double(), _ref(separation, (q @ k.transpose(-1, -2) / 2).double()) @ v.double(), atol=1e-5)
+
+
 def test_named_and_float_alpha_agree():
     z = _scores(16, 30)
     assert torch.equal(entmax(z, 2.0), sparsemax(z))

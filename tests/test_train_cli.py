@@ -125,8 +125,6 @@ def test_wrong_class_count_fails_before_training(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(path, tmp_path):
     """Every experiment config is valid for the CLI (parsed and checked, nothing instantiated)."""
-    from jsonargparse import ArgumentParser  # noqa: F401  (LightningCLI's parser)
-
     with pytest.raises(SystemExit) as err:
         cli.main(["fit", "--config", str(path), "--print_config"])
     assert err.value.code in (0, None)

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> Path:
         writer.writerows(rows)
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -243,7 +244,10 @@ def main(argv: list[str] | None = None) -> Path:
                     mean = np.array([r[f"{method}_mean"] for r in part])
                     std = np.array([r[f"{method}_std"] for r in part])
                     ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=method)
-                ax.set(xscale="log", xlabel="N (basis functions / subsampled memories)", ylabel="cosine similarity",
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ns, [str(n) for n in ns])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set(xlabel="N (basis functions / subsampled memories)", ylabel="cosine similarity",
                        title=f"{source}, {kind}, L={length}")
             axes[0][0].legend(fontsize=8)
             fig.tight_layout()

@@ -18,6 +18,8 @@ from torch.autograd.function import once_differentiable
 
 from hopformer.functional._separation_kernels import (
     _MAX_NEWTON,
+    _default_tol,
+    _parallel,
     _entmax_backward_rows,
     _entmax_weights_and_gppr,
     _entmax_rows,
@@ -64,22 +66,30 @@ class SeparatedAttentionFunction(Function):
         tau = q.new_empty(groups, n, 1)
         norm = q.new_ones(groups, n, 1)
         a_t = alpha if isinstance(alpha, torch.Tensor) else None
-        ws = _Workspace(q, n, m, 4)
         k_t = k.transpose(1, 2)
-        for gs, rs in _blocks(groups, n, m, q.device):
-            x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
-            torch.bmm(q[gs, rs], k_t[gs], out=x)
-            _add_mask(x.mul_(beta[gs]), mask, gs, rs)
-            rows = x.view(-1, m)
-            p = ws.get(1, rows.shape)
-            if kind == "sparsemax":
-                t = _sparsemax_rows(rows, p, ws.bufs[2])
-            else:
-                a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
-                t, nrm = _entmax_rows(rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
-                norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
-            tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
-            torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
+        blocks = list(_blocks(groups, n, m, q.device))
+
+        def job(part):
+            ws = _Workspace(q, n, m, 4)
+            for i in part:
+                gs, rs = blocks[i]
+                x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
+                torch.bmm(q[gs, rs], k_t[gs], out=x)
+                _add_mask(x.mul_(beta[gs]), mask, gs, rs)
+                rows = x.view(-1, m)
+                p = ws.get(1, rows.shape)
+                if kind == "sparsemax":
+                    t = _sparsemax_rows(rows, p, ws.bufs[2])
+                else:
+                    a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
+                    t, nrm = _entmax_rows(
+                        rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3]
+                    )
+                    norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
+                tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
+                torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
+
+        _parallel(job, len(blocks), q.device)
         ctx.kind, ctx.alpha_f = kind, (None if a_t is not None else alpha)
         ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, norm)
         return out
@@ -93,47 +103,65 @@ class SeparatedAttentionFunction(Function):
         g_out = g_out.contiguous()
         need_alpha = a_t is not None and ctx.needs_input_grad[4]
         need_beta = ctx.needs_input_grad[3]
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dbeta = torch.zeros_like(beta) if need_beta else None
-        dalpha = torch.zeros_like(a_t) if need_alpha else None
-        ws = _Workspace(q, n, m, 5)
+        dq = torch.empty_like(q)
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
-        for gs, rs in _blocks(groups, n, m, q.device):
-            shape = (gs.stop - gs.start, rs.stop - rs.start, m)
-            raw = ws.get(0, shape)
-            torch.bmm(q[gs, rs], k_t[gs], out=raw)
-            x = ws.get(1, shape)
-            _add_mask(torch.mul(raw, beta[gs], out=x), mask, gs, rs)
-            x = x.view(-1, m)
-            t = tau[gs, rs].reshape(-1, 1)
-            go = g_out[gs, rs]
-            dp = ws.get(2, shape)
-            torch.bmm(go, v_t[gs], out=dp)
-            dp = dp.view(-1, m)
-            ds = ws.get(3, dp.shape)
-            if ctx.kind == "sparsemax":
-                p = x.sub_(t).relu_()
-                _sparsemax_backward_rows(p, dp, ds, ws.bufs[4])
-            else:
-                a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else ctx.alpha_f
-                p, gppr = _entmax_weights_and_gppr(
-                    x.mul_(a - 1.0), a, t, norm[gs, rs].reshape(-1, 1), ws.get(4, x.shape)
-                )
-                da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
-                if need_alpha:
-                    da = da.view(shape[0], shape[1], 1)
-                    if a_t.shape[1] == 1:
-                        dalpha[gs] += da.sum(dim=1, keepdim=True)
-                    else:
-                        dalpha[gs, rs] += da
-            p3, ds3 = p.view(shape), ds.view(shape)
-            dv[gs].baddbmm_(p3.transpose(1, 2), go)
-            if need_beta:
-                dbeta[gs] += torch.linalg.vecdot(ds, raw.view(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
-            ds3.mul_(beta[gs])
-            torch.bmm(ds3, k[gs], out=dq[gs, rs])
-            dk[gs].baddbmm_(ds3.transpose(1, 2), q[gs, rs])
+        blocks = list(_blocks(groups, n, m, q.device))
+
+        def job(part):
+            """Writes dq rows; returns this worker's sums for dk, dv, dbeta, dalpha."""
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            dbeta = torch.zeros_like(beta) if need_beta else None
+            dalpha = torch.zeros_like(a_t) if need_alpha else None
+            ws = _Workspace(q, n, m, 5)
+            for i in part:
+                gs, rs = blocks[i]
+                shape = (gs.stop - gs.start, rs.stop - rs.start, m)
+                raw = ws.get(0, shape)
+                torch.bmm(q[gs, rs], k_t[gs], out=raw)
+                x = ws.get(1, shape)
+                _add_mask(torch.mul(raw, beta[gs], out=x), mask, gs, rs)
+                x = x.view(-1, m)
+                t = tau[gs, rs].reshape(-1, 1)
+                go = g_out[gs, rs]
+                dp = ws.get(2, shape)
+                torch.bmm(go, v_t[gs], out=dp)
+                dp = dp.view(-1, m)
+                ds = ws.get(3, dp.shape)
+                if ctx.kind == "sparsemax":
+                    p = x.sub_(t).relu_()
+                    _sparsemax_backward_rows(p, dp, ds, ws.bufs[4])
+                else:
+                    a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else ctx.alpha_f
+                    p, gppr = _entmax_weights_and_gppr(
+                        x.mul_(a - 1.0), a, t, norm[gs, rs].reshape(-1, 1), ws.get(4, x.shape)
+                    )
+                    da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
+                    if need_alpha:
+                        da = da.view(shape[0], shape[1], 1)
+                        if a_t.shape[1] == 1:
+                            dalpha[gs] += da.sum(dim=1, keepdim=True)
+                        else:
+                            dalpha[gs, rs] += da
+                p3, ds3 = p.view(shape), ds.view(shape)
+                dv[gs].baddbmm_(p3.transpose(1, 2), go)
+                if need_beta:
+                    dbeta[gs] += torch.linalg.vecdot(ds, raw.view(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
+                ds3.mul_(beta[gs])
+                torch.bmm(ds3, k[gs], out=dq[gs, rs])
+                dk[gs].baddbmm_(ds3.transpose(1, 2), q[gs, rs])
+            return dk, dv, dbeta, dalpha
+
+        parts = _parallel(job, len(blocks), q.device)
+        dk, dv, dbeta, dalpha = (_sum_parts([part[j] for part in parts]) for j in range(4))
         return dq, dk, dv, dbeta, dalpha, None, None, None, None
+
+
+def _sum_parts(parts: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """Sum of the workers' partial gradients, in a fixed order (deterministic)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part if total is not None else None
+    return total
 
 
 class _Workspace:
@@ -191,6 +219,9 @@ def separated_attention_core(
     lead = list(torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2], values.shape[:-2]))
     n, m = query.shape[-2], keys.shape[-2]
     dtype = query.dtype
+    if n == 0 or m == 0 or 0 in lead:  # nothing to attend to: zeros (an all-masked row reads out 0)
+        zero = (query.sum() + keys.sum() + values.sum()) * 0.0
+        return zero.to(values.dtype).expand(*lead, n, values.shape[-1]).clone()
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     q = _groups(query.to(cdtype), lead, (n, query.shape[-1])).contiguous()
     k = _groups(keys.to(cdtype), lead, (m, keys.shape[-1])).contiguous()
@@ -208,7 +239,7 @@ def separated_attention_core(
         a = float(alpha)
         kind = "sparsemax" if a == 2.0 else "entmax"
     if tol is None:
-        tol = 1e-12 if cdtype == torch.float64 else 1e-6
+        tol = _default_tol(cdtype)
     with torch.autocast(device_type=q.device.type, enabled=False):
         out = SeparatedAttentionFunction.apply(q, k, v, b, a, mask, kind, tol, max_iter)
     return out.reshape(*lead, n, values.shape[-1]).to(dtype)

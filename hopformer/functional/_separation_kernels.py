@@ -29,7 +29,10 @@ transformers, eq. 12-14).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple, Union
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 from torch.autograd import Function
@@ -38,6 +41,49 @@ _CHUNK_ELEMS = 1 << 18
 _MAX_NEWTON = 60
 
 Exponent = Union[float, torch.Tensor]
+T = TypeVar("T")
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_KEY: Tuple[int, int] = (0, 0)
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `workers` threads that run torch ops with one intra-op thread each
+    (re-created after a fork, whose child has no pool threads)."""
+    global _POOL, _POOL_KEY
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_KEY != (os.getpid(), workers):
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="hopformer-sep", initializer=torch.set_num_threads,
+                                       initargs=(1,))
+            _POOL_KEY = (os.getpid(), workers)
+        return _POOL
+
+
+def _no_grad(job: Callable[[Sequence[int]], T], part: Sequence[int]) -> T:
+    with torch.no_grad():
+        return job(part)
+
+
+def _parallel(job: Callable[[Sequence[int]], T], n_items: int, device: torch.device) -> List[T]:
+    """Run `job(part)` over contiguous parts of `range(n_items)`, one part per worker.
+
+    On CPU the blocks are many small, cache-sized ops; OpenMP's per-op parallel regions scale badly
+    for them (and collapse when the cores are shared), so the blocks are spread over
+    `torch.get_num_threads()` Python threads instead, each running its ops single-threaded.
+    Elsewhere (or with one thread) the job runs inline. Returns the per-part results in order.
+    """
+    workers = min(torch.get_num_threads(), n_items) if device.type == "cpu" else 1
+    if workers <= 1 or threading.current_thread().name.startswith("hopformer-sep"):
+        return [_no_grad(job, range(n_items))]
+    bounds = [round(i * n_items / workers) for i in range(workers + 1)]
+    futures = [_pool(workers).submit(_no_grad, job, range(bounds[i], bounds[i + 1])) for i in range(workers)]
+    return [f.result() for f in futures]
+
+
+def _default_tol(dtype: torch.dtype) -> float:
+    """Newton tolerance on `| ||(x - tau)_+||_e - 1 |` for general alpha (rows are renormalised)."""
+    return 1e-12 if dtype == torch.float64 else 1e-5
 
 
 def _chunks(rows: int, n: int, device: torch.device) -> Iterator[slice]:
@@ -136,9 +182,14 @@ class SparsemaxFunction(Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:
         p = torch.empty_like(z)
-        (buf,) = _scratch(z, z.shape[1])
-        for sl in _chunks(z.shape[0], z.shape[1], z.device):
-            _sparsemax_rows(z[sl], p[sl], buf)
+        slices = list(_chunks(z.shape[0], z.shape[1], z.device))
+
+        def job(part):
+            (buf,) = _scratch(z, z.shape[1])
+            for i in part:
+                _sparsemax_rows(z[slices[i]], p[slices[i]], buf)
+
+        _parallel(job, len(slices), z.device)
         ctx.save_for_backward(p)
         return p
 
@@ -150,9 +201,14 @@ class SparsemaxFunction(Function):
             return s * (g - (g * s).sum(-1, keepdim=True) / s.sum(-1, keepdim=True).clamp_min(1.0))
         g = g.contiguous()
         dz = torch.empty_like(g)
-        (buf,) = _scratch(p, p.shape[1])
-        for sl in _chunks(p.shape[0], p.shape[1], p.device):
-            _sparsemax_backward_rows(p[sl], g[sl], dz[sl], buf)
+        slices = list(_chunks(p.shape[0], p.shape[1], p.device))
+
+        def job(part):
+            (buf,) = _scratch(p, p.shape[1])
+            for i in part:
+                _sparsemax_backward_rows(p[slices[i]], g[slices[i]], dz[slices[i]], buf)
+
+        _parallel(job, len(slices), p.device)
         return dz
 
 
@@ -348,15 +404,20 @@ class EntmaxFunction(Function):
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, alpha, tol: float = 1e-6, max_iter: int = _MAX_NEWTON):
+    def forward(ctx, z: torch.Tensor, alpha, tol: float = 1e-5, max_iter: int = _MAX_NEWTON):
         is_tensor = isinstance(alpha, torch.Tensor)
         a = alpha.detach().to(z.dtype) if is_tensor else float(alpha)
         e = 1.0 / (a - 1.0)
         p = torch.empty_like(z)
-        buf, buf2 = _scratch(z, z.shape[1], 2)
-        for sl in _chunks(z.shape[0], z.shape[1], z.device):
-            x = z[sl] * (_pick(a, sl) - 1.0)
-            _entmax_rows(x, _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
+        slices = list(_chunks(z.shape[0], z.shape[1], z.device))
+
+        def job(part):
+            buf, buf2 = _scratch(z, z.shape[1], 2)
+            for i in part:
+                sl = slices[i]
+                _entmax_rows(z[sl] * (_pick(a, sl) - 1.0), _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
+
+        _parallel(job, len(slices), z.device)
         ctx.alpha = a if not is_tensor else None
         ctx.save_for_backward(p, a if is_tensor else None)
         return p
@@ -372,9 +433,15 @@ class EntmaxFunction(Function):
         g = g.contiguous()
         dz = torch.empty_like(g)
         da = torch.empty_like(a_t) if need_alpha else None
-        (buf,) = _scratch(p, p.shape[1])
-        for sl in _chunks(p.shape[0], p.shape[1], p.device):
-            d = _entmax_backward_rows(p[sl], g[sl], _pick(a, sl), dz[sl], need_alpha, buf)
-            if need_alpha:
-                da[sl] = d
+        slices = list(_chunks(p.shape[0], p.shape[1], p.device))
+
+        def job(part):
+            (buf,) = _scratch(p, p.shape[1])
+            for i in part:
+                sl = slices[i]
+                d = _entmax_backward_rows(p[sl], g[sl], _pick(a, sl), dz[sl], need_alpha, buf)
+                if need_alpha:
+                    da[sl] = d
+
+        _parallel(job, len(slices), p.device)
         return dz, da, None, None

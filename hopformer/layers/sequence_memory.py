@@ -253,23 +253,32 @@ class TemporalSequenceMemory(nn.Module):
         pull = pull + self.gamma * xi[best]
         return (pull + 2.0 * self.lambda_f * xi[centre] + 2.0 * self.mu * prev) / self._denominator()
 
-    def _cccp_sweep(self, states: Tensor, prev: Tensor) -> Tensor:
-        """One CCCP step for all ``N`` steps at once; neighbours are views of the zero-padded patterns."""
+    def _cccp_sweep(self, states: Tensor, prev: Tensor, chunk: int = 64) -> Tensor:
+        """One CCCP step for all ``N`` steps; neighbours are row views of the zero-padded patterns.
+
+        Rows are processed in blocks of ``chunk`` steps so the working set stays in cache
+        (``O(N w d)`` time, ``O(N d)`` memory).
+        """
         xi, n, w = self.patterns.to(states.dtype), self.num_patterns, self.window
         padded = torch.nn.functional.pad(xi, (0, 0, w, w))
-        steps = torch.arange(n, device=xi.device)
         offsets = torch.arange(-w, w + 1, device=xi.device)
-        inside = (rearrange(steps, "m -> m 1") + offsets >= 0) & (rearrange(steps, "m -> m 1") + offsets < n)
-        log_w = (-offsets.to(states.dtype).square() / (2.0 * self.sigma**2)).expand(n, -1).masked_fill(~inside, float("-inf"))
-        overlap = torch.stack([torch.linalg.vecdot(states, padded[j : j + n]) for j in range(2 * w + 1)], -1)
-        beta = self._beta()
-        p = torch.softmax(beta * overlap + log_w, -1)
-        pull = torch.zeros_like(states)
-        for j in range(2 * w + 1):
-            pull.add_(p[:, j : j + 1] * padded[j : j + n])
-        best = steps + (overlap + log_w / beta).argmax(-1) - w
-        pull.add_(self.gamma * xi[best])
-        return (pull + 2.0 * self.lambda_f * xi + 2.0 * self.mu * prev) / self._denominator()
+        log_w_row = -offsets.to(states.dtype).square() / (2.0 * self.sigma**2)
+        beta, out = self._beta(), torch.empty_like(states)
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            s = states[a:b]
+            steps = torch.arange(a, b, device=xi.device)
+            where = rearrange(steps, "m -> m 1") + offsets
+            log_w = log_w_row.expand(b - a, -1).masked_fill((where < 0) | (where >= n), float("-inf"))
+            blocks = [padded[a + j : b + j] for j in range(2 * w + 1)]
+            overlap = torch.stack([torch.einsum("md,md->m", s, block) for block in blocks], -1)
+            p = torch.softmax(beta * overlap + log_w, -1)
+            pull = (2.0 * self.lambda_f) * xi[a:b] + (2.0 * self.mu) * prev[a:b]
+            for j, block in enumerate(blocks):
+                pull.addcmul_(p[:, j : j + 1], block)
+            best = steps + (overlap + log_w / beta).argmax(-1) - w
+            out[a:b] = pull.add_(xi[best], alpha=self.gamma).div_(self._denominator())
+        return out
 
     def _solve_cccp(self, init: Tensor, trace_steps: set[int]):
         n = self.num_patterns

@@ -231,12 +231,11 @@ class UHopSeparation(L.Callback):
     def _log(self, pl_module: L.LightningModule, losses: dict[str, float], on_step: bool) -> None:
         if not losses or getattr(pl_module, "_trainer", None) is None:
             return
-        bs = None
-        pl_module.log("uhop/sep_loss", losses["total"], on_step=on_step, on_epoch=True, batch_size=bs)
+        pl_module.log("uhop/sep_loss", losses["total"], on_step=on_step, on_epoch=True, batch_size=1)
         if self.log_per_layer:
             for name, value in losses.items():
                 if name != "total":
-                    pl_module.log(f"uhop/sep_loss/{name or 'root'}", value, on_step=on_step, on_epoch=True, batch_size=bs)
+                    pl_module.log(f"uhop/sep_loss/{name or 'root'}", value, on_step=on_step, on_epoch=True, batch_size=1)
 
     def _pass_over_data(self, trainer: L.Trainer, pl_module: L.LightningModule, passes: int) -> dict[str, float]:
         loaders = trainer.train_dataloader
