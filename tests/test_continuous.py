@@ -226,3 +226,23 @@ def test_timm_attention_drop_in():
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     with pytest.raises(ValueError, match="attn_mask"):
         attn(x, attn_mask=torch.ones(9, 9, dtype=torch.bool))
+
+
+def test_experiment_short_run(tmp_path):
+    """Short end-to-end run of the continuous-memory experiment (real data when present)."""
+    import csv
+
+    from hopformer.experiments import default_data_dir
+    from hopformer.experiments.continuous_memory import main
+
+    data = default_data_dir() or tmp_path / "absent"
+    out = main(["--lengths", "64", "--num-basis", "8", "64", "--sets", "2", "--queries", "16", "--noise", "1",
+                "--out", str(tmp_path), "--data-dir", str(data)])
+    with open(out / "retrieval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and (out / "energy_contours.png").is_file()
+    for row in rows:
+        for method in ("discrete-L", "discrete-sub", "continuous"):
+            assert -1.0 <= float(row[f"{method}_mean"]) <= 1.0
+        if row["N"] == "64":  # N = L boxes, ridge 1e-3: the continuous memory is the discrete one
+            assert abs(float(row["continuous_mean"]) - float(row["discrete-L_mean"])) < 1e-2

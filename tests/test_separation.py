@@ -94,6 +94,16 @@ def test_bf16_autocast_computes_in_float32(separation):
     assert torch.allclose(p.float().sum(-1), torch.ones(2, 16), atol=2e-2)
 
 
+@pytest.mark.parametrize("separation", ALL_SEPS)
+def test_huge_scores_stay_on_simplex(separation):
+    z = _scores(4, 50, scale=1e8)  # thresholds are solved relative to the row max
+    p = separate(z, separation)
+    assert torch.allclose(p.sum(-1), torch.ones(4), atol=1e-5)
+    q, k = _scores(2, 5, 4, scale=1e4), _scores(2, 6, 4, scale=1e4, seed=1)
+    out = separated_attention(q, k, torch.ones(2, 6, 1), separation=separation, beta=1.0)
+    assert torch.allclose(out, torch.ones_like(out), atol=1e-5)
+
+
 def test_dim_argument_and_noncontiguous():
     z = _scores(5, 7, 6)
     for sep in ["sparsemax", "entmax15", 1.4]:

@@ -5,7 +5,10 @@ The scores are produced, separated and consumed block by block (blocks of query 
 backward pass recomputes each block's scores with one matmul and its weights from `tau` in one
 elementwise pass (`p = (x - tau)_+^(1/(alpha-1)) / norm`), the flash-attention idea applied to
 sparsemax / entmax (Peters et al. 2019; Correia et al. 2019). Memory is O(rows) instead of
-O(rows * keys) and every intermediate stays in cache on CPU.
+O(rows * keys) and every intermediate stays in cache on CPU. The scales beta and alpha - 1 are
+folded into the (small) queries, the thresholds are solved for `x - max x` (float precision for
+large scores), and d/dbeta is read off `dq` (`sum <d/d(qk^T) k, q>`), so a block costs two
+matmuls and the threshold iteration forward, five matmuls and a few elementwise passes backward.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from torch.autograd.function import once_differentiable
 from hopformer.functional._separation_kernels import (
     _MAX_NEWTON,
     _default_tol,
-    _parallel,
     _entmax_backward_rows,
-    _entmax_weights_and_gppr,
     _entmax_rows,
+    _entmax_weights_and_gppr,
+    _parallel,
+    _row_max,
     _sparsemax_backward_rows,
     _sparsemax_rows,
 )
@@ -64,8 +68,10 @@ class SeparatedAttentionFunction(Function):
         m = k.shape[1]
         out = q.new_empty(groups, n, v.shape[-1])
         tau = q.new_empty(groups, n, 1)
+        shift = q.new_empty(groups, n, 1)  # row maxima: thresholds are solved for x - max (precision)
         norm = q.new_ones(groups, n, 1)
         a_t = alpha if isinstance(alpha, torch.Tensor) else None
+        _, qs, scale = _scaled_queries(q, beta, alpha, kind)
         k_t = k.transpose(1, 2)
         blocks = list(_blocks(groups, n, m, q.device))
 
@@ -74,67 +80,64 @@ class SeparatedAttentionFunction(Function):
             for i in part:
                 gs, rs = blocks[i]
                 x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
-                torch.bmm(q[gs, rs], k_t[gs], out=x)
-                _add_mask(x.mul_(beta[gs]), mask, gs, rs)
+                torch.bmm(qs[gs, rs], k_t[gs], out=x)  # x = (alpha - 1) (beta q k^T + mask)
+                _add_mask(x, mask, gs, rs, scale)
                 rows = x.view(-1, m)
                 p = ws.get(1, rows.shape)
+                row_max = _row_max(rows)
+                rows.sub_(row_max)
+                shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)
                 if kind == "sparsemax":
                     t = _sparsemax_rows(rows, p, ws.bufs[2])
                 else:
                     a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
-                    t, nrm = _entmax_rows(
-                        rows.mul_(a - 1.0), 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3]
-                    )
+                    t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
                     norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
                 tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
                 torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
 
         _parallel(job, len(blocks), q.device)
         ctx.kind, ctx.alpha_f = kind, (None if a_t is not None else alpha)
-        ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, norm)
+        ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        q, k, v, beta, a_t, mask, tau, norm = ctx.saved_tensors
+        q, k, v, beta, a_t, mask, tau, shift, norm = ctx.saved_tensors
         groups, n, _ = q.shape
         m = k.shape[1]
         g_out = g_out.contiguous()
         need_alpha = a_t is not None and ctx.needs_input_grad[4]
-        need_beta = ctx.needs_input_grad[3]
-        dq = torch.empty_like(q)
+        alpha = a_t if a_t is not None else ctx.alpha_f
+        qb, qs, scale = _scaled_queries(q, beta, alpha, ctx.kind)
+        dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         blocks = list(_blocks(groups, n, m, q.device))
 
         def job(part):
-            """Writes dq rows; returns this worker's sums for dk, dv, dbeta, dalpha."""
+            """Writes dq rows; returns this worker's sums for dk, dv, dalpha."""
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dbeta = torch.zeros_like(beta) if need_beta else None
             dalpha = torch.zeros_like(a_t) if need_alpha else None
-            ws = _Workspace(q, n, m, 5)
+            ws = _Workspace(q, n, m, 4)
             for i in part:
                 gs, rs = blocks[i]
                 shape = (gs.stop - gs.start, rs.stop - rs.start, m)
-                raw = ws.get(0, shape)
-                torch.bmm(q[gs, rs], k_t[gs], out=raw)
-                x = ws.get(1, shape)
-                _add_mask(torch.mul(raw, beta[gs], out=x), mask, gs, rs)
-                x = x.view(-1, m)
+                x = ws.get(0, shape)
+                torch.bmm(qs[gs, rs], k_t[gs], out=x)
+                x = _add_mask(x, mask, gs, rs, scale).view(-1, m).sub_(shift[gs, rs].reshape(-1, 1))
                 t = tau[gs, rs].reshape(-1, 1)
                 go = g_out[gs, rs]
-                dp = ws.get(2, shape)
+                dp = ws.get(1, shape)
                 torch.bmm(go, v_t[gs], out=dp)
                 dp = dp.view(-1, m)
-                ds = ws.get(3, dp.shape)
+                ds = ws.get(2, dp.shape)  # d loss / d scores
                 if ctx.kind == "sparsemax":
                     p = x.sub_(t).relu_()
-                    _sparsemax_backward_rows(p, dp, ds, ws.bufs[4])
+                    _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
                 else:
-                    a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else ctx.alpha_f
-                    p, gppr = _entmax_weights_and_gppr(
-                        x.mul_(a - 1.0), a, t, norm[gs, rs].reshape(-1, 1), ws.get(4, x.shape)
-                    )
+                    a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
+                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape))
                     da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
                     if need_alpha:
                         da = da.view(shape[0], shape[1], 1)
@@ -144,16 +147,25 @@ class SeparatedAttentionFunction(Function):
                             dalpha[gs, rs] += da
                 p3, ds3 = p.view(shape), ds.view(shape)
                 dv[gs].baddbmm_(p3.transpose(1, 2), go)
-                if need_beta:
-                    dbeta[gs] += torch.linalg.vecdot(ds, raw.view(-1, m)).view(shape[0], -1).sum(1).view(-1, 1, 1)
-                ds3.mul_(beta[gs])
                 torch.bmm(ds3, k[gs], out=dq[gs, rs])
-                dk[gs].baddbmm_(ds3.transpose(1, 2), q[gs, rs])
-            return dk, dv, dbeta, dalpha
+                dk[gs].baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
+            return dk, dv, dalpha
 
         parts = _parallel(job, len(blocks), q.device)
-        dk, dv, dbeta, dalpha = (_sum_parts([part[j] for part in parts]) for j in range(4))
-        return dq, dk, dv, dbeta, dalpha, None, None, None, None
+        dk, dv, dalpha = (_sum_parts([part[j] for part in parts]) for j in range(3))
+        # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group
+        dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if ctx.needs_input_grad[3] else None
+        return dq.mul_(beta), dk, dv, dbeta, dalpha, None, None, None, None
+
+
+def _scaled_queries(q, beta, alpha, kind: str):
+    """`(beta q, (alpha - 1) beta q, alpha - 1)`: folding the scales into the (small) queries saves
+    full passes over each block of scores (for sparsemax the scale is 1 and None is returned)."""
+    qb = q * beta
+    if kind == "sparsemax":
+        return qb, qb, None
+    scale = alpha - 1.0
+    return qb, qb * scale, scale
 
 
 def _sum_parts(parts: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -185,13 +197,18 @@ def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice, shape) -> torch.Tensor
     return _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
 
 
-def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice) -> torch.Tensor:
+def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice, scale=None) -> torch.Tensor:
+    """Apply a block of `mask` to the scores `x`, an additive mask multiplied by `scale` (alpha - 1)."""
     if mask is None:
         return x
     block = _rows_of(mask, gs, rs)
     if block.dtype == torch.bool:
         return x.masked_fill_(~block, float("-inf"))
-    return x.add_(block)
+    if scale is None:
+        return x.add_(block)
+    if isinstance(scale, float):
+        return x.add_(block, alpha=scale)
+    return x.addcmul_(block, _rows_of(scale, gs, rs))
 
 
 def _groups(t: torch.Tensor, lead: List[int], tail: Tuple[int, ...]) -> torch.Tensor:

@@ -148,7 +148,8 @@ def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.
             k = int(moving.sum())
             if k == 0:
                 break
-        new = ta + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1.0)
+        # monotone by theory; the max keeps float rounding from re-growing the support (termination)
+        new = torch.maximum(ta, ta + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt.clamp_min(1.0))
         if full:
             tau = new
         else:
@@ -158,8 +159,10 @@ def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.
             act = sel if full else act[sel]
             xa, cnt = x[act], cnt[sel]
         prev = cnt
-    else:
-        raise RuntimeError("sparsemax support iteration did not converge (please report)")
+    else:  # unreachable in exact arithmetic (the support shrinks every step): renormalise
+        r = torch.sub(x, tau, out=out).relu_()
+        r.div_(r.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(r.dtype).tiny))
+        return tau
     if act is not None:
         torch.sub(x, tau, out=out).relu_()
     return tau
@@ -185,9 +188,11 @@ class SparsemaxFunction(Function):
         slices = list(_chunks(z.shape[0], z.shape[1], z.device))
 
         def job(part):
-            (buf,) = _scratch(z, z.shape[1])
+            buf, shifted = _scratch(z, z.shape[1], 2)
             for i in part:
-                _sparsemax_rows(z[slices[i]], p[slices[i]], buf)
+                zc = z[slices[i]]  # shifted by the row max: thresholds near 0 keep full precision
+                xs = torch.sub(zc, _row_max(zc), out=_view(shifted, zc)) if shifted is not None else zc - _row_max(zc)
+                _sparsemax_rows(xs, p[slices[i]], buf)
 
         _parallel(job, len(slices), z.device)
         ctx.save_for_backward(p)
@@ -291,21 +296,22 @@ def _entmax15_rows(
         r = torch.sub(xa, ta, out=out if full else None).relu_()
         s1 = r.sum(dim=-1, keepdim=True)
         f = torch.linalg.vecdot(r, r).unsqueeze(-1)
-        empty = f <= 0
-        big_f = f.clamp_min(tiny).sqrt()
-        newton = ta + ((big_f - 1.0) * f / (big_f * s1.clamp_min(tiny))).masked_fill_(empty, 0.0)
-        ok = empty
+        big_f = f.sqrt()  # 0 only for all -inf rows, whose step is then 0
+        newton = ta + (big_f - 1.0) * big_f / s1.clamp_min(tiny)
+        ok = None
         if bool(((big_f - 1.0).abs() <= 0.1).any()):  # the closed form rarely holds far from the root
             sgn = torch.sign(r, out=scratch) if full and scratch is not None else torch.sign(r)
             cnt = sgn.sum(-1, keepdim=True)
             k = cnt.clamp_min(1.0)
             mean = s1 / k
-            tau_cf = ta + mean - (1.0 / k - (f / k - mean * mean)).clamp_min(0).sqrt()
+            tau_cf = ta + mean - ((1.0 - f) / k + mean * mean).clamp_min(0).sqrt()
             r2 = torch.sub(xa, tau_cf, out=scratch2 if full else None).relu_()
             sgn2 = torch.sign(r2, out=scratch) if full and scratch is not None else torch.sign(r2)
-            ok = (sgn2.sum(-1, keepdim=True) == cnt) | empty
+            ok = sgn2.sum(-1, keepdim=True) == cnt  # also true for all -inf rows (output 0)
             newton = torch.where(ok, tau_cf, newton)
-        stop = ok | (newton == ta)
+        stalled = newton == ta
+        stop = stalled if ok is None else ok | stalled
+        ok = torch.zeros_like(stalled) if ok is None else ok
         if full:
             tau, exact = newton, ok
         else:
@@ -385,13 +391,15 @@ def _entmax_backward_rows(
 
 def _entmax_backward_simple(p, g, a, need_alpha: bool):
     """Differentiable (double-backward) form of `_entmax_backward_rows`."""
-    gppr = p.pow(2.0 - a) * torch.sign(p)
+    on = p > 0
+    p_safe = torch.where(on, p, torch.ones_like(p))  # keeps d/dp of p^(2-a), p log p finite at p = 0
+    gppr = torch.where(on, p_safe.pow(2.0 - a), torch.zeros_like(p))
     s = gppr.sum(-1, keepdim=True)
     dz = gppr * (g - (g * gppr).sum(-1, keepdim=True) / s)
     if not need_alpha:
         return dz, None
     am1 = a - 1.0
-    plogp = torch.xlogy(p, p)
+    plogp = torch.where(on, p_safe * torch.log(p_safe), torch.zeros_like(p))
     skew = gppr / s
     d = (p - skew) / (am1 * am1) - (plogp - skew * plogp.sum(-1, keepdim=True)) / am1
     return dz, (g * d).sum(-1, keepdim=True)
@@ -415,7 +423,8 @@ class EntmaxFunction(Function):
             buf, buf2 = _scratch(z, z.shape[1], 2)
             for i in part:
                 sl = slices[i]
-                _entmax_rows(z[sl] * (_pick(a, sl) - 1.0), _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
+                x = z[sl] * (_pick(a, sl) - 1.0)
+                _entmax_rows(x.sub_(_row_max(x)), _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
 
         _parallel(job, len(slices), z.device)
         ctx.alpha = a if not is_tensor else None

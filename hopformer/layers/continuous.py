@@ -267,7 +267,8 @@ class ContinuousHopfield(Hopfield):
         clip_basis: use ``min(N, L)`` functions for memory sets shorter than ``N``.
         **kwargs: the other :class:`Hopfield` arguments (``stored_dim``, ``value_dim``, ``head_dim``,
             ``out_dim``, ``beta``, ``learnable_beta``, ``update_steps``, ``eps``, ``dropout``,
-            ``bias``, ``project``), except ``separation`` (the Gibbs density is a continuous softmax).
+            ``bias``, ``project``); ``separation`` may only be ``"softmax"`` (the Gibbs density is a
+            continuous softmax), anything else raises ``TypeError``.
 
     Masks: ``key_padding_mask`` (``True`` = ignore) removes padded memories *before* compression;
     the valid ones of each set are re-spaced over [0, 1]. ``attn_mask`` addresses individual
@@ -289,8 +290,8 @@ class ContinuousHopfield(Hopfield):
         clip_basis: bool = True,
         **kwargs,
     ) -> None:
-        if "separation" in kwargs:
-            raise TypeError("ContinuousHopfield retrieves with the Gibbs density (a continuous softmax); no separation argument")
+        if kwargs.pop("separation", "softmax") != "softmax":
+            raise TypeError("ContinuousHopfield retrieves with the Gibbs density (a continuous softmax); separation must be 'softmax'")
         super().__init__(dim, num_heads, **kwargs)
         self.memory = ContinuousMemory(num_basis, basis, ridge, num_points, integration, clip_basis)
 
@@ -356,8 +357,8 @@ class ContinuousHopfieldAttention(HopfieldAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
         options = {**self._defaults, **kwargs}
-        if "separation" in options:
-            raise TypeError("ContinuousHopfieldAttention retrieves with the Gibbs density; no separation argument")
+        if options.pop("separation", "softmax") != "softmax":
+            raise TypeError("ContinuousHopfieldAttention retrieves with the Gibbs density (a continuous softmax); separation must be 'softmax'")
         memory = {name: options.pop(name) for name in _MEMORY_OPTIONS if name in options}
         object.__setattr__(self, "_defaults", {})  # the parent must not re-read the continuous options
         super().__init__(dim, num_heads, *args, **options)

@@ -194,13 +194,12 @@ class ForecastingModule(L.LightningModule):
             self.log_dict(self.test_original, batch_size=y.shape[0])
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.global_rank != 0:
-            return
-        results = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test_")}
-        results.update(self.test_metrics.compute())
-        results = {k: float(v) for k, v in results.items()}
+        # compute() syncs across ranks under DDP: every rank calls it, only rank 0 writes
+        results = {k: float(v) for k, v in self.test_metrics.compute().items()}
         if self.hparams.original_scale_metrics and self.target_mean is not None:
             results.update({k: float(v) for k, v in self.test_original.compute().items()})
+        if self.global_rank != 0:
+            return
         if self.epoch_times:
             results["epoch_time_s_mean"] = sum(self.epoch_times) / len(self.epoch_times)
             results["epochs"] = len(self.epoch_times)
@@ -250,6 +249,7 @@ def plot_forecasts(module: L.LightningModule, dataset, path: Path, num_windows: 
     module.eval()
     pred = module._align(module(x), y.to(module.device)).cpu()
     module.train(was_training)
+    names = list(getattr(getattr(module.trainer, "datamodule", None), "columns", []) or [])
     fig, axes = plt.subplots(num_windows, 1, figsize=(9, 2.2 * num_windows), squeeze=False)
     hist_t = torch.arange(-x.shape[1], 0)
     fut_t = torch.arange(0, y.shape[1])
@@ -258,7 +258,7 @@ def plot_forecasts(module: L.LightningModule, dataset, path: Path, num_windows: 
         ax.plot(fut_t, yi[:, series], color="tab:blue", lw=1, label="truth")
         ax.plot(fut_t, pi[:, series], color="tab:red", lw=1, label="forecast")
         ax.axvline(0, color="0.7", lw=0.8)
-        ax.set_title(f"test window {i}", fontsize=8)
+        ax.set_title(f"test window {i}, series {names[series]}" if names else f"test window {i}", fontsize=8)
     axes[0, 0].legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("time step relative to forecast start (normalised scale)")
     fig.tight_layout()
