@@ -73,25 +73,24 @@ def test_values_default_to_keys_and_steps_iterate():
     torch.testing.assert_close(hopfield_retrieve(q, k, beta=0.7, steps=3), x)
 
 
-def test_eps_stops_early_at_a_fixed_point():
+def test_eps_stops_early_at_a_fixed_point(monkeypatch):
     torch.manual_seed(3)
     k = torch.randn(6, 16)
     q = k[:2] + 0.01 * torch.randn(2, 16)
     calls = []
-    real = core.association
+    real = core._step
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    core_assoc = core.association
-    try:
-        core.association = counting
-        out = hopfield_retrieve(q, k, beta=4.0, separation="sparsemax", steps=50, eps=1e-6)
-    finally:
-        core.association = core_assoc
-    assert len(calls) < 10
+    monkeypatch.setattr(core, "_step", counting)
+    out = hopfield_retrieve(q, k, beta=4.0, separation="sparsemax", steps=50, eps=1e-6)
+    assert 1 < len(calls) < 10
     torch.testing.assert_close(out, k[:2])
+    calls.clear()
+    hopfield_retrieve(q, k, beta=4.0, separation="sparsemax", steps=50)
+    assert len(calls) == 50
 
 
 def test_sparsemax_retrieves_well_separated_patterns_exactly():

@@ -190,6 +190,19 @@ def test_gradcheck_conjugate_and_danskin(separation):
     assert torch.allclose(grad, separate(z, separation).detach(), atol=1e-10)
 
 
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax15", 1.3])
+def test_gradgradcheck_maps_and_conjugate(separation):
+    """Double backward (e.g. gradients of energy gradients) goes through differentiable formulas."""
+    z = _scores(3, 6, scale=1.5, dtype=torch.float64)
+    z[1, 0] = NEG_INF
+    z.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda s: separate(s, separation), (z,), atol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda s: separation_conjugate(s, separation), (z,), atol=1e-5)
+    alpha = torch.tensor([[1.2], [1.5], [1.8]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda s, a: entmax(s, a), (z, alpha), atol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda s, a: separation_conjugate(s, a), (z, alpha), atol=1e-5)
+
+
 def test_gradcheck_conjugate_alpha():
     z = _scores(4, 6, scale=1.5, dtype=torch.float64).requires_grad_(True)
     alpha = torch.tensor([[1.2], [1.5], [1.7], [1.95]], dtype=torch.float64, requires_grad=True)

@@ -428,7 +428,7 @@ class EntmaxFunction(Function):
 
         _parallel(job, len(slices), z.device)
         ctx.alpha = a if not is_tensor else None
-        ctx.save_for_backward(p, a if is_tensor else None)
+        ctx.save_for_backward(p, alpha if is_tensor else None)  # the input: double backward sees alpha
         return p
 
     @staticmethod

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .separation import check_separation, is_softmax, separate, separation_conjugate
+from .separation import check_separation, is_softmax, separate, separated_attention, separation_conjugate
 
 __all__ = ["hopfield_retrieve", "hopfield_energy", "association", "as_additive_mask"]
 
@@ -74,13 +74,21 @@ def association(
     return separate(scores, separation, dim=-1)
 
 
-def _sdpa(query: Tensor, keys: Tensor, values: Tensor, *, beta, mask, dropout: float) -> Tensor:
-    """One softmax step through the fused kernel; a tensor beta is folded into the query (SDPA's scale is a float)."""
-    if isinstance(beta, Tensor):
-        query, scale = query * beta, 1.0
-    else:
-        scale = float(beta)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+def _step(x: Tensor, keys: Tensor, values: Tensor, *, beta, separation, mask, dropout: float) -> Tensor:
+    """One retrieval ``Sep(beta x K^T + mask) V`` without materialising the scores where possible.
+
+    softmax runs the fused ``scaled_dot_product_attention``; sparsemax/entmax run the block-wise core
+    of :func:`hopformer.functional.separated_attention` (thresholds saved, not weights). Dropout on
+    sparse weights needs the weights themselves, so that case materialises them.
+    """
+    if dropout == 0.0:
+        return separated_attention(x, keys, values, separation=separation, beta=beta, mask=mask)
+    if is_softmax(separation):
+        if isinstance(beta, Tensor):  # SDPA's scale takes floats only: fold a tensor beta into the query
+            x, beta = x * beta, 1.0
+        return F.scaled_dot_product_attention(x, keys, values, attn_mask=mask, dropout_p=dropout, scale=float(beta))
+    weights = association(x, keys, beta=beta, separation=separation, mask=mask)
+    return torch.matmul(F.dropout(weights, p=dropout), values)
 
 
 def hopfield_retrieve(
@@ -100,7 +108,9 @@ def hopfield_retrieve(
 
     With ``values=None`` (values are the keys) this is the modern Hopfield update repeated ``steps``
     times. One softmax step with ``beta = 1/sqrt(d)`` is scaled dot-product attention and runs through
-    ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available).
+    ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available); sparse
+    separations run a block-wise core that never stores the score matrix (unless the association
+    is asked for, or dropout needs the weights).
 
     Args:
         query: state patterns ``(..., n, d)``; any leading batch/head dimensions, including none.
@@ -132,25 +142,19 @@ def hopfield_retrieve(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     values = keys if values is None else values
 
-    fused = is_softmax(separation)
     x = query
     for _ in range(steps - 1):
-        if fused:  # a softmax step with values = keys is attention too
-            x_new = _sdpa(x, keys, keys, beta=beta, mask=mask, dropout=0.0)
-        else:
-            x_new = torch.matmul(association(x, keys, beta=beta, separation=separation, mask=mask), keys)
+        x_new = _step(x, keys, keys, beta=beta, separation=separation, mask=mask, dropout=0.0)
         converged = eps is not None and bool((x_new - x).abs().amax() < eps)
         x = x_new
         if converged:
             break
 
-    if fused and not return_association:
-        return _sdpa(x, keys, values, beta=beta, mask=mask, dropout=dropout)
-
+    if not return_association:
+        return _step(x, keys, values, beta=beta, separation=separation, mask=mask, dropout=dropout)
     weights = association(x, keys, beta=beta, separation=separation, mask=mask)
     kept = F.dropout(weights, p=dropout) if dropout > 0 else weights
-    out = torch.matmul(kept, values)
-    return (out, weights) if return_association else out
+    return torch.matmul(kept, values), weights
 
 
 def hopfield_energy(

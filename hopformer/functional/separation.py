@@ -238,25 +238,35 @@ def separate(scores: torch.Tensor, separation: Separation, dim: int = -1) -> tor
 # ----------------------------------------------------------------------------- conjugate
 
 
+def _safe(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(p > 0, p with zeros replaced by 1): keeps the derivatives of log p and p^a finite at p = 0."""
+    on = p > 0
+    return on, torch.where(on, p, torch.ones_like(p))
+
+
 def _omega_rows(p: torch.Tensor, a: Union[float, torch.Tensor]) -> torch.Tensor:
     """Omega_a(p) = (sum p^a - 1) / (a (a - 1)) per row (negative Shannon entropy rows where a = 1)."""
-    plogp = lambda: torch.where(p > 0, p * torch.log(p), p.new_zeros(())).sum(-1, keepdim=True)  # noqa: E731
+    on, ps = _safe(p)
+    zero = torch.zeros_like(p)
+    plogp = lambda: torch.where(on, ps * torch.log(ps), zero).sum(-1, keepdim=True)  # noqa: E731
     if isinstance(a, float):
         if a == 1.0:
             return plogp()
-        return (torch.where(p > 0, p.pow(a), p.new_zeros(())).sum(-1, keepdim=True) - 1.0) / (a * (a - 1.0))
+        return (torch.where(on, ps.pow(a), zero).sum(-1, keepdim=True) - 1.0) / (a * (a - 1.0))
     one = a == 1.0
     a_s = a.masked_fill(one, 2.0)
-    tsallis = (torch.where(p > 0, p.pow(a_s), p.new_zeros(())).sum(-1, keepdim=True) - 1.0) / (a_s * (a_s - 1.0))
+    tsallis = (torch.where(on, ps.pow(a_s), zero).sum(-1, keepdim=True) - 1.0) / (a_s * (a_s - 1.0))
     return torch.where(one, plogp(), tsallis) if bool(one.any()) else tsallis
 
 
 def _domega_dalpha_rows(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """d Omega_a(p) / d a at fixed p; at a = 1 the limit sum p log^2 p / 2."""
-    logp = torch.where(p > 0, torch.log(p), p.new_zeros(()))
+    on, ps = _safe(p)
+    zero = torch.zeros_like(p)
+    logp = torch.where(on, torch.log(ps), zero)
     one = a == 1.0
     a_s = a.masked_fill(one, 2.0)
-    pa = torch.where(p > 0, p.pow(a_s), p.new_zeros(()))
+    pa = torch.where(on, ps.pow(a_s), zero)
     denom = a_s * (a_s - 1.0)
     d = (pa * logp).sum(-1, keepdim=True) / denom - (pa.sum(-1, keepdim=True) - 1.0) * (2.0 * a_s - 1.0) / denom**2
     return torch.where(one, 0.5 * (p * logp * logp).sum(-1, keepdim=True), d)
