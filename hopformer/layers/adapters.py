@@ -28,8 +28,6 @@ def _no_op_hook(module, args):
 class _HopfieldOptions:
     """Shared Hopfield options of the adapters and the ``configure`` class factory."""
 
-    _defaults: dict = {}
-
     def _init_hopfield(self, head_dim: int, num_heads: int, separation, beta, learnable_beta, update_steps, eps):
         self.separation = check_separation(separation)
         self.update_steps = _positive_int("update_steps", update_steps)
@@ -44,12 +42,19 @@ class _HopfieldOptions:
 
     @classmethod
     def configure(cls, **options) -> type:
-        """A subclass whose constructor defaults to ``options``.
+        """A subclass whose constructor defaults to ``options`` (any constructor argument of ``cls``).
 
-        For code that builds the layer itself from a class, such as timm's ``VisionTransformer(attn_layer=...)``:
+        For code that builds the layer itself from a class, such as timm's ``VisionTransformer(attn_layer=...)``
+        (which needs a class, not a ``functools.partial``):
         ``VisionTransformer(attn_layer=HopfieldAttention.configure(separation="sparsemax", update_steps=2))``.
         """
-        return type(cls.__name__, (cls,), {"_defaults": {**cls._defaults, **options}, "__module__": cls.__module__})
+        base_init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            base_init(self, *args, **{**options, **kwargs})
+
+        namespace = {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__}
+        return type(cls.__name__, (cls,), namespace)
 
 
 class MultiheadHopfield(_HopfieldOptions, nn.MultiheadAttention):
@@ -72,7 +77,6 @@ class MultiheadHopfield(_HopfieldOptions, nn.MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None, **hopfield):
-        hopfield = {**self._defaults, **hopfield}
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
@@ -168,7 +172,7 @@ class HopfieldAttention(_HopfieldOptions, Attention):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = {**self._defaults, **kwargs}
+        options = dict(kwargs)
         hopfield = {name: options.pop(name) for name in ("separation", "beta", "learnable_beta", "update_steps", "eps")
                     if name in options}
         super().__init__(dim, num_heads, *args, **options)

@@ -356,11 +356,10 @@ class ContinuousHopfieldAttention(HopfieldAttention):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = {**self._defaults, **kwargs}
+        options = dict(kwargs)
         if options.pop("separation", "softmax") != "softmax":
             raise TypeError("ContinuousHopfieldAttention retrieves with the Gibbs density (a continuous softmax); separation must be 'softmax'")
         memory = {name: options.pop(name) for name in _MEMORY_OPTIONS if name in options}
-        object.__setattr__(self, "_defaults", {})  # the parent must not re-read the continuous options
         super().__init__(dim, num_heads, *args, **options)
         self.memory = ContinuousMemory(**memory)
 

@@ -248,19 +248,8 @@ class KernelizedHopfieldAttention(SeparationLossMixin, HopfieldAttention):
     Use ``KernelizedHopfieldAttention.configure(separation=..., kernel_dim=...)`` as ``attn_layer``.
     """
 
-    _kernel_defaults: dict = {}
-    KERNEL_OPTIONS = ("kernel_dim", "t", "loss", "feature_init")
-
-    @classmethod
-    def configure(cls, **options) -> type:
-        """A subclass whose constructor defaults to ``options`` (Hopfield and kernel options alike)."""
-        kernel = {k: options.pop(k) for k in cls.KERNEL_OPTIONS if k in options}
-        sub = super().configure(**options)
-        sub._kernel_defaults = {**cls._kernel_defaults, **kernel}
-        return sub
-
     def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = {**self._kernel_defaults, **kwargs}
+        options = dict(kwargs)
         kernel_dim = options.pop("kernel_dim", None)
         t, loss = options.pop("t", 2.0), options.pop("loss", "average")
         feature_init = options.pop("feature_init", "orthogonal")

@@ -56,15 +56,6 @@ class _LearnableAlphaAttention(HopfieldAttention):
         return self.alpha()
 
 
-def _with_defaults(cls: type, **defaults: Any) -> type:
-    """A subclass of ``cls`` whose constructor defaults to ``defaults`` (timm needs a class, not a partial)."""
-
-    def __init__(self, *args, **kwargs):
-        cls.__init__(self, *args, **{**defaults, **kwargs})
-
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__})
-
-
 def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any) -> type:
     """The attention class for ``VisionTransformer(attn_layer=...)``.
 
@@ -78,8 +69,8 @@ def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax"
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if attention == "hopfield":
         if separation == "learnable":
-            return _with_defaults(_LearnableAlphaAttention, **options)
-        return _with_defaults(HopfieldAttention, separation=separation, **options)
+            return _LearnableAlphaAttention.configure(**options)
+        return HopfieldAttention.configure(separation=separation, **options)
     if attention == "kernelized":
         try:
             from ..layers.kernel import KernelizedHopfieldAttention
@@ -87,14 +78,14 @@ def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax"
             raise ImportError("attention='kernelized' needs hopformer.layers.kernel.KernelizedHopfieldAttention") from err
         if separation == "learnable":
             raise ValueError("separation='learnable' is available with attention='hopfield' only")
-        return _with_defaults(KernelizedHopfieldAttention, separation=separation, **options)
+        return KernelizedHopfieldAttention.configure(separation=separation, **options)
     try:
         from ..layers.continuous import ContinuousHopfieldAttention  # type: ignore[attr-defined]
     except ImportError as err:
         raise ImportError("attention='continuous' needs hopformer.layers.continuous.ContinuousHopfieldAttention") from err
     if separation != "softmax":
         options = {"separation": separation, **options}
-    return _with_defaults(ContinuousHopfieldAttention, **options)
+    return ContinuousHopfieldAttention.configure(**options)
 
 
 def hopfield_vit(
