@@ -55,6 +55,13 @@ def as_additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+def _scores(query: Tensor, keys: Tensor, beta: float | Tensor, mask: Tensor | None) -> Tensor:
+    """``beta * query keys^T`` plus the mask as an additive term."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
+    additive = as_additive_mask(mask, scores.dtype)
+    return scores if additive is None else scores + additive
+
+
 def association(
     query: Tensor,
     keys: Tensor,
@@ -67,11 +74,7 @@ def association(
 
     A row whose keys are all masked gets all-zero weights (a defined output, never NaN).
     """
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
-    additive = as_additive_mask(mask, scores.dtype)
-    if additive is not None:
-        scores = scores + additive
-    return separate(scores, separation, dim=-1)
+    return separate(_scores(query, keys, beta, mask), separation, dim=-1)
 
 
 def _step(x: Tensor, keys: Tensor, values: Tensor, *, beta, separation, mask, dropout: float) -> Tensor:
@@ -175,9 +178,6 @@ def hopfield_energy(
     _check_patterns(query, keys, None)
     _check_beta(beta)
     separation = check_separation(separation)
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
-    additive = as_additive_mask(mask, scores.dtype)
-    if additive is not None:
-        scores = scores + additive
+    scores = _scores(query, keys, beta, mask)
     beta_t = beta.squeeze(-1) if isinstance(beta, Tensor) and beta.dim() > 0 else beta
     return -separation_conjugate(scores, separation, dim=-1) / beta_t + 0.5 * (query * query).sum(-1)
