@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -279,9 +278,9 @@ def test_cli_writes_csv_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_stage_one_speed_cifar_sized():
-    """Stage I on 500 memories of d = 3072 for 100 steps takes seconds (see benchmarks/uhop_stage1.py)."""
+def test_stage_one_at_cifar_size_lowers_the_loss():
+    """Stage I on 500 memories of d = 3072 for 100 steps (timed in benchmarks/uhop_stage1.py, not here)."""
     xi = torch.rand(500, 3072, generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    UHopRetriever(3072, kernel_steps=100).fit(xi)
-    assert time.perf_counter() - start < 60.0
+    r = UHopRetriever(3072, kernel_steps=100).fit(xi)
+    assert r.losses_.shape == (100,)
+    assert r.separation_loss().item() < r.losses_[0].item() - 0.5
