@@ -19,7 +19,14 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from hopformer.layers import GeneralizedSparseHopfield, Hopfield, MultiheadHopfield, SparseHopfield
+from hopformer.layers import (
+    ContinuousHopfield,
+    GeneralizedSparseHopfield,
+    Hopfield,
+    KernelizedHopfield,
+    MultiheadHopfield,
+    SparseHopfield,
+)
 
 CASES = {"short": dict(batch=16, length=256, dim=256, heads=8), "long": dict(batch=2, length=2048, dim=256, heads=8)}
 
@@ -34,18 +41,8 @@ def variants(dim: int, heads: int) -> dict[str, Callable[[], nn.Module]]:
         "GeneralizedSparse alpha=1.5 fixed": lambda: GeneralizedSparseHopfield(dim, heads, learnable_alpha=False),
         "GeneralizedSparse alpha learnable": lambda: GeneralizedSparseHopfield(dim, heads, alpha=1.3),
     }
-    try:
-        from hopformer.layers.kernel import KernelizedHopfield
-
-        out["KernelizedHopfield (U-Hop) softmax"] = lambda: KernelizedHopfield(dim, heads)
-    except ImportError:
-        pass
-    try:
-        from hopformer.layers.continuous import ContinuousHopfield
-
-        out["ContinuousHopfield"] = lambda: ContinuousHopfield(dim, heads)
-    except ImportError:
-        pass
+    out["KernelizedHopfield (U-Hop) softmax"] = lambda: KernelizedHopfield(dim, heads)
+    out["ContinuousHopfield"] = lambda: ContinuousHopfield(dim, heads)
     return out
 
 

@@ -18,8 +18,8 @@ from hopformer.data import (
     TinyImageNetDataModule,
 )
 from hopformer.data.images import EpochSeededSampler, split_indices
+from shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _write_images(folder: Path, n: int, size: int, ext: str, seed: int) -> None:
@@ -171,9 +171,9 @@ def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
         dm.prepare_data()
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10" / "train").is_dir(), reason="../shared/data/cifar10 not present")
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train").is_dir(), reason="../shared/data/cifar10 not present")
 def test_shared_cifar10_folder_split():
-    dm = ImageFolderDataModule(str(SHARED / "cifar10" / "train"), val_size=5000, train_subset=1000, batch_size=8)
+    dm = ImageFolderDataModule(str(SHARED_DATA / "cifar10" / "train"), val_size=5000, train_subset=1000, batch_size=8)
     dm.setup()
     assert dm.num_classes == 10 and len(dm.val_set) == 5000 and len(dm.train_set) == 1000
     x, _ = next(iter(dm.val_dataloader()))

@@ -12,9 +12,9 @@ import torch
 from hopformer.data import TimeSeriesDataModule
 from hopformer.models import DLinear, RepeatLast, STanHopNet
 from hopformer.training.forecasting import ForecastingModule, crossformer_type1_factor
+from shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ETTH1 = SHARED / "ett" / "ETTh1.csv"
+ETTH1 = SHARED_DATA / "ett" / "ETTh1.csv"
 
 
 def generated_csv(path: Path, rows: int = 6000, seed: int = 0) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,9 @@ from hopformer.retrieval import (
     mask_pixels,
     run_sweep,
 )
+from shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR = SHARED / "cifar10" / "train"
+CIFAR = SHARED_DATA / "cifar10" / "train"
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """Temporal-kernel sequence memory (Farooq 2025, SPEC section 4): kernel, energy, both solvers."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
 from hopformer.layers import TemporalSequenceMemory
 from hopformer.layers.sequence_memory import temporal_kernel
+from shared_data import SHARED_DATA
 
 
 def _sequence(n: int = 60, d: int = 32, seed: int = 0) -> torch.Tensor:
@@ -90,14 +90,13 @@ def test_bad_sequences_raise():
         temporal_kernel(5, 0.0)
 
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def test_experiment_short_run_on_real_frames(tmp_path):
     """Short end-to-end run of the experiment (CIFAR-10 pan frames when present, synthetic otherwise)."""
     from hopformer.experiments.sequence_memory import main
 
-    data = DATA if (DATA / "cifar10" / "train").is_dir() else tmp_path / "absent"
+    data = SHARED_DATA if (SHARED_DATA / "cifar10" / "train").is_dir() else tmp_path / "absent"
     out = main(["--frames", "60", "--scene-length", "20", "--faithful-frames", "20", "--sensitivity-frames", "12",
                 "--timing", "20", "--lbfgs-timing-max", "20", "--out", str(tmp_path), "--data-dir", str(data)])
     with open(out / "retrieval.csv") as f:

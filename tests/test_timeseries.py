@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hopformer.data.timeseries import TimeSeriesDataModule, split_borders, time_features
+from shared_data import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ETTH1 = SHARED / "ett" / "ETTh1.csv"
+ETTH1 = SHARED_DATA / "ett" / "ETTh1.csv"
 
 
 def write_ett_like(path: Path, rows: int = 17420, seed: int = 0) -> Path:

@@ -42,7 +42,7 @@ from ..functional.continuous import (
     ridge_factor,
     trapezoid_rule,
 )
-from . import default_data_dir, run_dir
+from . import add_common_arguments, run_dir
 from .sequence_memory import cifar_movie
 
 
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--sources", nargs="+", default=["synthetic", "etth1", "cifar-pan"])
     parser.add_argument("--gaussian", action="store_true", help="also Gaussian RBFs with the trapezoid rule")
     parser.add_argument("--full", action="store_true", help="L up to 4096, N up to 1024, 8 sets, Gaussian RBFs")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--out", type=Path, default=Path("runs"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.full:

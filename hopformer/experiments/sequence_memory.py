@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..layers.sequence_memory import TemporalSequenceMemory
-from . import default_data_dir, run_dir
+from . import add_common_arguments, run_dir
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--timing", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--lbfgs-timing-max", type=int, default=1000, help="largest N timed with L-BFGS-B")
     parser.add_argument("--full", action="store_true", help="bigger runs: faithful on all frames, N up to 8000")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--out", type=Path, default=Path("runs"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.full:

@@ -36,7 +36,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..layers import HopfieldAttention, LearnableAlpha
+from ..layers import ContinuousHopfieldAttention, HopfieldAttention, KernelizedHopfieldAttention, LearnableAlpha
 
 __all__ = ["hopfield_attn_layer", "hopfield_vit", "load_vit_state_dict", "HOPFIELD_VIT_MODELS", "ATTENTIONS"]
 
@@ -72,17 +72,9 @@ def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax"
             return _LearnableAlphaAttention.configure(**options)
         return HopfieldAttention.configure(separation=separation, **options)
     if attention == "kernelized":
-        try:
-            from ..layers.kernel import KernelizedHopfieldAttention
-        except ImportError as err:  # pragma: no cover - depends on the U-Hop layer being installed
-            raise ImportError("attention='kernelized' needs hopformer.layers.kernel.KernelizedHopfieldAttention") from err
         if separation == "learnable":
             raise ValueError("separation='learnable' is available with attention='hopfield' only")
         return KernelizedHopfieldAttention.configure(separation=separation, **options)
-    try:
-        from ..layers.continuous import ContinuousHopfieldAttention  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise ImportError("attention='continuous' needs hopformer.layers.continuous.ContinuousHopfieldAttention") from err
     if separation != "softmax":
         options = {"separation": separation, **options}
     return ContinuousHopfieldAttention.configure(**options)
