@@ -60,7 +60,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def _no_grad(job: Callable[[Sequence[int]], T], part: Sequence[int]) -> T:
+def _no_grad(job: Callable[[Sequence[int]], T], part: Sequence[int], inference: bool = False) -> T:
+    """Run `job(part)` without autograd; under `torch.inference_mode` when the caller was in it.
+
+    Inference mode is per thread: a pool thread does not inherit it from the caller, and an in-place
+    write there into a tensor created under the caller's inference mode raises. So the caller's mode
+    is carried over explicitly."""
+    if inference:
+        with torch.inference_mode():
+            return job(part)
     with torch.no_grad():
         return job(part)
 
@@ -77,7 +85,9 @@ def _parallel(job: Callable[[Sequence[int]], T], n_items: int, device: torch.dev
     if workers <= 1 or threading.current_thread().name.startswith("hopformer-sep"):
         return [_no_grad(job, range(n_items))]
     bounds = [round(i * n_items / workers) for i in range(workers + 1)]
-    futures = [_pool(workers).submit(_no_grad, job, range(bounds[i], bounds[i + 1])) for i in range(workers)]
+    inference = torch.is_inference_mode_enabled()
+    futures = [_pool(workers).submit(_no_grad, job, range(bounds[i], bounds[i + 1]), inference)
+               for i in range(workers)]
     return [f.result() for f in futures]
 
 
