@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from hopformer.training.run_folder import AppendingCSVLogger, claim_version, version_of_checkpoint
 
 __all__ = ["HopformerCLI", "main", "DEFAULT_CONFIG"]
 
@@ -53,11 +57,34 @@ def _import(class_path: str) -> Any:
         return None
 
 
-def default_loggers(root: str | os.PathLike) -> list[Logger]:
-    """A CSV and a TensorBoard logger sharing one ``<root>/version_<n>`` directory."""
-    csv = CSVLogger(save_dir=str(root), name="")
+def _is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0  # set from the launcher's RANK / LOCAL_RANK / SLURM_PROCID before any work
+
+
+def _run_version(root: str | os.PathLike, resume: int | None) -> int | None:
+    """The resumed run's version, else a freshly claimed one (on rank 0; other ranks write no logs)."""
+    if resume is not None:
+        return resume
+    return claim_version(root) if _is_rank_zero() else None
+
+
+def default_loggers(root: str | os.PathLike, version: int | None = None) -> list[Logger]:
+    """A CSV and a TensorBoard logger sharing one ``<root>/version_<n>`` directory.
+
+    ``version=None`` claims a new ``version_<n>`` atomically (:func:`claim_version`); a resumed run
+    passes its own version and appends to its ``metrics.csv``.
+    """
+    version = _run_version(root, version)
+    csv = AppendingCSVLogger(save_dir=str(root), name="", version=version)
     tensorboard = TensorBoardLogger(save_dir=str(root), name="", version=csv.version, default_hp_metric=False)
     return [csv, tensorboard]
+
+
+def _claim_for_user_loggers(loggers: Any, ckpt_path: str | None) -> None:
+    """Give a user-configured CSV/TensorBoard logger without a version a claimed (or the resumed) one."""
+    for logger in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None:
+            logger._version = _run_version(logger.root_dir, version_of_checkpoint(ckpt_path, logger.root_dir))
 
 
 class HopformerCLI(LightningCLI):
@@ -79,6 +106,13 @@ class HopformerCLI(LightningCLI):
             type=bool,
             default=False,
             help="after fit: validate and test the best checkpoint and print validation and test metrics",
+        )
+        parser.add_argument(
+            "--last_checkpoint_minutes",
+            type=Optional[float],
+            default=10.0,
+            help="also save checkpoints/last.ckpt every this many minutes within an epoch, so a run killed "
+            "mid-epoch resumes from minutes ago (null or 0: at the end of each epoch only)",
         )
 
     def _subconfig(self, config: Any) -> Any:
@@ -110,8 +144,20 @@ class HopformerCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         root = trainer_cfg.get("default_root_dir") or "runs"
-        if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root)
+        # A resumed fit continues in its own run folder (ModelCheckpoint then reloads its best path and score).
+        ckpt_path = self._subconfig(self.config).get("ckpt_path") if self.subcommand == "fit" else None
+        resume = version_of_checkpoint(ckpt_path, root)
+        logger = trainer_cfg.get("logger")
+        if trainer_cfg.get("fast_dev_run"):
+            pass  # no logs, no checkpoints: nothing to claim
+        elif logger in (None, True):
+            kwargs["logger"] = default_loggers(root, resume)
+        elif logger is False:  # checkpoints and config.yaml go to <root>/version_<n> too, never to a shared <root>
+            version = _run_version(root, resume)
+            if version is not None:
+                kwargs["default_root_dir"] = str(Path(root) / f"version_{version}")
+        else:
+            _claim_for_user_loggers(logger, ckpt_path)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
@@ -125,7 +171,11 @@ class HopformerCLI(LightningCLI):
         # checkpoint callback without a monitor keeps last.ckpt at the latest epoch (for resuming).
         # It goes after the "best" one so that trainer.checkpoint_callback (and ckpt_path="best") is the best.
         if config.get("enable_checkpointing", True) is not False:
-            callbacks = [*callbacks, ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)]
+            last = dict(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+            callbacks = [*callbacks, ModelCheckpoint(**last)]
+            minutes = self._subconfig(self.config).get("last_checkpoint_minutes")
+            if minutes is not None and minutes > 0:  # also refresh last.ckpt during long epochs
+                callbacks.append(ModelCheckpoint(**last, train_time_interval=timedelta(minutes=minutes)))
         else:  # the `checkpoint:` group would contradict enable_checkpointing=false
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
@@ -157,7 +207,7 @@ class HopformerCLI(LightningCLI):
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
 
 
-def main(args: list[str] | None = None) -> HopformerCLI:
+def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
     """Entry point of ``train.py``. With no arguments: fit ``configs/default.yaml`` and test the best model."""
     if args is None and len(sys.argv) <= 1:
         if not DEFAULT_CONFIG.is_file():
@@ -172,6 +222,7 @@ def main(args: list[str] | None = None) -> HopformerCLI:
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             args=args,
+            run=run,
             auto_configure_optimizers=False,
         )
     finally:

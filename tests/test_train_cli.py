@@ -168,3 +168,67 @@ def test_learnable_alpha_and_beta_are_logged(tmp_path):
     header = (tmp_path / "alpha" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "hopfield/blocks.0.attn/alpha" in header and "hopfield/blocks.1.attn.beta" not in header
     assert "hopfield/blocks.1.attn/beta" in header and "lr-AdamW" in header
+
+
+class FailAtBatch(L.Callback):
+    """Raise inside epoch 0 at batch ``batch`` (a run killed mid-epoch)."""
+
+    def __init__(self, batch: int = 3) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch:
+            raise RuntimeError("killed mid-epoch")
+
+
+def test_two_runs_started_together_get_their_own_folders(tmp_path):
+    """Both CLIs pick their folder before either writes anything (the race of two processes, made deterministic)."""
+    args = ["--config", str(DEFAULT), "--trainer.default_root_dir", str(tmp_path), *QUIET]  # run=False: no subcommand
+    first = cli.main(args, run=False)
+    second = cli.main(args, run=False)
+    dirs = {first.trainer.log_dir, second.trainer.log_dir}
+    assert dirs == {str(tmp_path / "version_0"), str(tmp_path / "version_1")}
+    no_logger = [cli.main([*args, "--trainer.logger", "false"], run=False) for _ in range(2)]
+    assert {r.trainer.default_root_dir for r in no_logger} == {str(tmp_path / "version_2"), str(tmp_path / "version_3")}
+    csv = [*args, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    own = [cli.main(csv, run=False) for _ in range(2)]
+    assert {r.trainer.log_dir for r in own} == {str(tmp_path / "lightning_logs" / f"version_{i}") for i in (0, 1)}
+
+
+def test_claim_version_is_atomic_across_processes(tmp_path):
+    import multiprocessing
+
+    from hopformer.training.run_folder import claim_version
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        versions = pool.map(claim_version, [tmp_path] * 16)
+    assert sorted(versions) == list(range(16))
+
+
+def test_resume_continues_in_its_folder_with_its_best_checkpoint(tmp_path, capsys):
+    common = [*_short(3, subset=128), "--trainer.callbacks", "[]"]
+    _fit(tmp_path, "run", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs",
+         "--trainer.callbacks.epochs=2", "--test_after_fit", "false")
+    run = tmp_path / "run" / "version_0"
+    resumed = _fit(tmp_path, "run", *common, "--test_after_fit", "true", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["version_0"]  # no version_1
+    import csv
+
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_acc")]
+    accs = {int(r["epoch"]): float(r["val_acc"]) for r in reversed(rows) if int(r["epoch"]) < 3}  # 3: after fit
+    assert sorted(accs) == [0, 1, 2]  # the first two epochs' rows are kept, the third appended
+    callback = resumed.trainer.checkpoint_callback
+    assert float(callback.best_model_score) == pytest.approx(max(accs.values()))
+    assert Path(callback.best_model_path).parent == run / "checkpoints"
+    best_epochs = [e for e, a in accs.items() if a == max(accs.values())]
+    assert f"epoch={best_epochs[0]:03d}" in Path(callback.best_model_path).name
+    assert f"Best checkpoint: {callback.best_model_path}" in capsys.readouterr().out
+
+
+def test_last_checkpoint_is_saved_within_an_epoch(tmp_path):
+    with pytest.raises(RuntimeError, match="killed mid-epoch"):
+        _fit(tmp_path, "killed", *_short(1), "--trainer.callbacks", "[]", "--last_checkpoint_minutes", "1e-9",
+             "--trainer.callbacks+=test_train_cli.FailAtBatch", "--trainer.callbacks.batch=3")
+    last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file(), "a run killed mid-epoch must leave a recent last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
