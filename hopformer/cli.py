@@ -26,6 +26,7 @@ What this CLI adds to ``LightningCLI``:
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from datetime import timedelta
@@ -35,6 +36,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -87,6 +89,67 @@ def _claim_for_user_loggers(loggers: Any, ckpt_path: str | None) -> None:
             logger._version = _run_version(logger.root_dir, version_of_checkpoint(ckpt_path, logger.root_dir))
 
 
+def _explicit_options(args: list[str], group: str) -> list[str]:
+    """Dotted keys given as ``--group[.key]`` / ``--group[.key]=value`` on the command line, in order."""
+    keys = []
+    for token in args:
+        name = token.split("=", 1)[0]
+        if name == f"--{group}" or name.startswith(f"--{group}."):
+            keys.append(name[2:].rstrip("+"))
+    return keys
+
+
+def _get(node: Any, path: list[str]) -> Any:
+    for part in path:
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _has(node: Any, part: str) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(node, Namespace) and part in vars(node)
+
+
+def _resolve(config: Any, key: str) -> list[str] | None:
+    """The path of ``key`` in ``config``; ``model.x`` may stand for ``model.init_args.x`` (jsonargparse shorthand)."""
+    parts = key.split(".")
+    for path in (parts, parts[:1] + ["init_args"] + parts[1:]):
+        node, ok = config, True
+        for part in path:
+            if not _has(node, part):
+                ok = False
+                break
+            node = _get(node, [part])
+        if ok:
+            return path
+    return None
+
+
+def _assign(node: Any, key: str, value: Any) -> None:
+    if isinstance(node, dict):
+        node[key] = value
+    else:
+        setattr(node, key, value)
+
+
+def _set(config: Any, path: list[str], value: Any) -> None:
+    parent = config
+    for part in path[:-1]:
+        child = _get(parent, [part])
+        if isinstance(child, dict):  # a copy, so that a dict shared with another namespace stays as it was
+            child = dict(child)
+            _assign(parent, part, child)
+        parent = child
+    _assign(parent, path[-1], value)
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, Namespace):
+        node = vars(node)
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
 class HopformerCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
@@ -114,6 +177,33 @@ class HopformerCLI(LightningCLI):
             help="also save checkpoints/last.ckpt every this many minutes within an epoch, so a run killed "
             "mid-epoch resumes from minutes ago (null or 0: at the end of each epoch only)",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model options by the checkpoint's hyperparameters; explicit ``--model.*``
+        options on the command line are put back on top (and the options from config files that the
+        checkpoint changed are named on stderr), so the run uses, and ``config.yaml`` records, what was asked."""
+        sub = self.config.get("subcommand")
+        before = self.config.clone() if sub else None
+        super()._parse_ckpt_path()
+        if before is None:
+            return
+        explicit = _explicit_options(getattr(self, "_raw_args", []), "model")
+        restored = []
+        for key in explicit:
+            path = _resolve(before[sub], key)
+            if path is not None:
+                _set(self.config[sub], path, copy.deepcopy(_get(before[sub], path)))
+                restored.append(".".join(path))
+        old, new = _flat(before[sub].get("model"), "model"), _flat(self.config[sub].get("model"), "model")
+        changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in restored)}
+        if changed and _is_rank_zero():
+            sys.stderr.write("--ckpt_path: these model options come from the checkpoint, not the config: "
+                             + ", ".join(f"{k}={b!r} (config: {a!r})" for k, (a, b) in changed.items()) + "\n")
 
     def _subconfig(self, config: Any) -> Any:
         return config.get(str(self.subcommand), config) if self.subcommand else config

@@ -232,3 +232,29 @@ def test_last_checkpoint_is_saved_within_an_epoch(tmp_path):
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file(), "a run killed mid-epoch must leave a recent last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4
+
+
+def test_explicit_model_options_win_over_the_checkpoint(tmp_path, capsys):
+    """`test --ckpt_path` with `--model.*` options evaluates (and records) what the options say."""
+    run = _fit(tmp_path, "train", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+               "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]")
+    last = tmp_path / "train" / "version_0" / "checkpoints" / "last.ckpt"
+    assert run.model.hparams.backbone_kwargs["separation"] == "softmax"
+    res = cli.main(["test", "--config", str(DEFAULT), "--ckpt_path", str(last), *QUIET,
+                    "--trainer.default_root_dir", str(tmp_path / "test"), "--trainer.limit_test_batches", "1",
+                    "--model.init_args.backbone_kwargs.separation", "sparsemax", "--model.lr", "0.5"])
+    attn = [m for m in res.model.modules() if hasattr(m, "current_separation")]
+    assert attn and all(m.current_separation() == "sparsemax" for m in attn)
+    assert res.model.hparams.lr == 0.5
+    saved = yaml.safe_load((tmp_path / "test" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["backbone_kwargs"]["separation"] == "sparsemax"
+    assert saved["model"]["init_args"]["lr"] == 0.5
+    # An option that only the config file sets is taken from the checkpoint, and that is said.
+    edited = yaml.safe_load(DEFAULT.read_text())
+    edited["model"]["init_args"]["weight_decay"] = 0.123
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(edited))
+    capsys.readouterr()
+    res = cli.main(["test", "--config", str(tmp_path / "edited.yaml"), "--ckpt_path", str(last), *QUIET,
+                    "--trainer.default_root_dir", str(tmp_path / "test"), "--trainer.limit_test_batches", "1"])
+    assert res.model.hparams.weight_decay == 0.05
+    assert "model.init_args.weight_decay=0.05 (config: 0.123)" in capsys.readouterr().err
