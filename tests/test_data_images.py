@@ -178,3 +178,33 @@ def test_shared_cifar10_folder_split():
     assert dm.num_classes == 10 and len(dm.val_set) == 5000 and len(dm.train_set) == 1000
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 32, 32)
+
+
+def test_test_root_with_other_classes_is_rejected(tmp_path):
+    """ImageFolder labels by sorted position: a test `cat` folder would silently become train `airplane`."""
+    for name in ("airplane", "automobile"):
+        _write_images(tmp_path / "train" / name, 3, 8, "png", 0)
+    for name in ("cat", "dog"):
+        _write_images(tmp_path / "test" / name, 3, 8, "png", 1)
+    with pytest.raises(ValueError, match=r"same class folders.*\['airplane', 'automobile'\].*\['cat', 'dog'\]"):
+        ImageFolderDataModule(root=str(tmp_path / "train"), test_root=str(tmp_path / "test"), val_size=2)
+
+
+@pytest.mark.parametrize("val_size", [1.5, 1.0, -0.2, -3, 0.0])
+def test_val_size_that_is_neither_a_count_nor_a_fraction_is_rejected(tmp_path, val_size):
+    _write_images(tmp_path / "a", 4, 8, "png", 0)
+    with pytest.raises(ValueError, match=f"val_size.*{val_size}"):
+        ImageFolderDataModule(root=str(tmp_path), val_size=val_size)
+    with pytest.raises(ValueError, match="val_size"):
+        split_indices(10, val_size, seed=0)
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    _write_images(tmp_path / "a", 4, 8, "png", 0)
+    bad = tmp_path / "a" / "img1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    dm = ImageFolderDataModule(root=str(tmp_path), val_size=1, image_size=8, augment=False, shuffle=False)
+    dm.setup("fit")
+    with pytest.raises(OSError, match=f"cannot read image '.*img1.png'"):
+        for _ in dm.train_dataloader():
+            pass

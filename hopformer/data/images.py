@@ -60,9 +60,21 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
+def _check_val_size(val_size: int | float) -> None:
+    """A count (an integer >= 0) or a fraction strictly between 0 and 1; 1.5 is neither (it is not 1 image)."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise ValueError(f"val_size must be an image count (int >= 0) or a fraction in (0, 1), got {val_size!r}")
+    if isinstance(val_size, int) and val_size < 0:
+        raise ValueError(f"val_size must be an image count >= 0 or a fraction in (0, 1), got {val_size!r}")
+    if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
+        raise ValueError(f"val_size={val_size!r}: a float is a fraction of the training images and must lie in "
+                         f"(0, 1); pass an integer for a count of images")
+
+
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded (train, val) index split of ``range(n)``; ``val_size`` a count or a fraction < 1."""
-    n_val = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    _check_val_size(val_size)
+    n_val = int(round(val_size * n)) if isinstance(val_size, float) else val_size
     if not 0 <= n_val < n:
         raise ValueError(f"val_size={val_size!r} must leave training data: got {n_val} of {n} images")
     perm = np.random.default_rng(seed).permutation(n).tolist()
@@ -122,6 +134,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if train_subset is not None and train_subset < 1:
             raise ValueError(f"train_subset must be >= 1 or None, got {train_subset}")
+        _check_val_size(val_size)
         self.root = None if root is None else Path(os.path.expanduser(root))
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -312,6 +325,14 @@ class ImageFolderDataModule(ImageDataModule):
         self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
         if not self.classes:
             raise FileNotFoundError(f"ImageFolderDataModule: no class folders in '{self.root.resolve()}'. {self.how_to_get}")
+        if self.test_root is not None:  # ImageFolder labels classes by sorted position: the lists must match
+            test_classes = sorted(e.name for e in os.scandir(self.test_root) if e.is_dir())
+            if test_classes != self.classes:
+                raise ValueError(
+                    f"ImageFolderDataModule: test_root '{self.test_root}' must have the same class folders as root "
+                    f"'{self.root}' (labels are their sorted positions); root has {self.classes}, "
+                    f"test_root has {test_classes}"
+                )
         self.num_classes, self.image_size = len(self.classes), image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_channels = len(self.mean)
@@ -340,8 +361,11 @@ class ImageFolderDataModule(ImageDataModule):
 def _open_image(path: str, mode: str):
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: truncated/corrupt files, unknown formats
+        raise OSError(f"cannot read image '{path}': {err}") from err
 
 
 class _TinyImageNetVal(Dataset):
