@@ -128,3 +128,65 @@ def test_clear_errors(tmp_path):
         TimeSeriesDataModule("ETTh9")
     with pytest.raises(ValueError, match="features="):
         TimeSeriesDataModule("ETTh1", features="X")
+
+
+def _small_csv(path: Path, rows: int = 200, **overrides) -> Path:
+    df = pd.DataFrame({"date": pd.date_range("2020", periods=rows, freq="h").astype(str),
+                       "x": np.sin(np.arange(rows) / 5.0), "y": np.arange(rows, dtype=float)})
+    for key, value in overrides.items():
+        df[key] = value
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("split, message", [
+    ((0.7, 0.3, 0.2), "sum to 1"),          # the middle fraction used to be ignored (val = the remainder)
+    ((0.5, 0.1, 0.2), "sum to 1"),
+    ((1.2, -0.1, -0.1), "finite number >= 0"),  # used to report "-20 rows"
+    ((0.7, 0.1), "three numbers"),
+    ((8640, 0.5, 2880), "not a mix"),
+])
+def test_split_that_is_not_a_partition_is_rejected(tmp_path, split, message):
+    with pytest.raises(ValueError, match=message):
+        TimeSeriesDataModule("custom", path=str(_small_csv(tmp_path / "a.csv")), split=split, input_len=5, horizon=2)
+    with pytest.raises(ValueError, match=message):
+        split_borders(1000, split, 10)
+
+
+def test_unsorted_dates_are_rejected(tmp_path):
+    rows = 200
+    dates = pd.date_range("2020", periods=rows, freq="h")[::-1].astype(str)
+    path = _small_csv(tmp_path / "reversed.csv", date=dates)
+    with pytest.raises(ValueError, match=r"reversed.csv: dates must be sorted.*row 1"):
+        TimeSeriesDataModule("custom", path=str(path), input_len=5, horizon=2).setup()
+
+
+def test_bad_csv_errors_name_the_file_and_column(tmp_path):
+    values = np.arange(200, dtype=float)
+    values[7] = np.inf
+    path = _small_csv(tmp_path / "inf.csv", y=values)
+    with pytest.raises(ValueError, match=r"inf.csv: infinite values in columns \['y'\]"):
+        TimeSeriesDataModule("custom", path=str(path), input_len=5, horizon=2).setup()
+    header = tmp_path / "header.csv"
+    header.write_text("date,x,y\n")
+    with pytest.raises(ValueError, match=r"header.csv: no data rows"):
+        TimeSeriesDataModule("custom", path=str(header), input_len=5, horizon=2).setup()
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.csv: the file is empty"):
+        TimeSeriesDataModule("custom", path=str(empty), input_len=5, horizon=2).setup()
+
+
+@pytest.mark.parametrize("features", ["S", "MS", "M"])
+def test_target_scale_is_the_target_columns_training_statistics(tmp_path, features):
+    """Expectation from the CSV itself (numpy), not from the function under test: the target's own std."""
+    rows = 300
+    rng = np.random.default_rng(0)
+    path = _small_csv(tmp_path / "t.csv", rows=rows, x=rng.normal(5.0, 1.0, rows), y=rng.normal(-2.0, 7.0, rows),
+                      z=rng.normal(40.0, 0.1, rows))
+    dm = TimeSeriesDataModule("custom", path=str(path), target="y", features=features, input_len=10, horizon=5)
+    mean, scale = dm.target_scale()
+    train = pd.read_csv(path).iloc[: int(rows * 0.7)]
+    columns = ["x", "z", "y"] if features == "M" else ["y"]
+    torch.testing.assert_close(mean, torch.tensor(train[columns].mean().to_numpy(), dtype=torch.float32))
+    torch.testing.assert_close(scale, torch.tensor(train[columns].std(ddof=0).to_numpy(), dtype=torch.float32))

@@ -65,12 +65,29 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def check_split(split) -> tuple[float, float, float]:
+    """``split`` as three row counts (all > 1) or three fractions in [0, 1] that sum to 1; else ``ValueError``."""
+    values = tuple(split) if isinstance(split, (tuple, list)) else (split,)
+    if len(values) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in values):
+        raise ValueError(f"split={split!r}: expected three numbers (train, val, test)")
+    if any(not np.isfinite(s) or s < 0 for s in values):
+        raise ValueError(f"split={split!r}: every part must be a finite number >= 0")
+    if not all(s > 1 for s in values):
+        if any(s > 1 for s in values):
+            raise ValueError(f"split={split!r}: give three row counts (all > 1) or three fractions (all <= 1), not a mix")
+        if abs(sum(values) - 1.0) > 1e-6:
+            raise ValueError(f"split={split!r}: fractions must sum to 1, got {sum(values):.6g}")
+    return values
+
+
 def split_borders(n_rows: int, split: tuple[float, float, float], input_len: int) -> list[tuple[int, int]]:
     """Row ranges ``[start, end)`` of the train / val / test windows.
 
-    Integer splits are row counts (clipped to the file); fractions follow Crossformer: train and
-    test get ``int(n * frac)`` rows, validation the rest. Val/test start ``input_len`` rows early.
+    Integer splits are row counts (clipped to the file); fractions (each in [0, 1], summing to 1)
+    follow Crossformer: train and test get ``int(n * frac)`` rows, validation the rest. Val/test
+    start ``input_len`` rows early.
     """
+    split = check_split(split)
     if all(float(s) > 1 for s in split):
         n_train, n_val, n_test = (int(s) for s in split)
     else:
@@ -182,7 +199,7 @@ class TimeSeriesDataModule(L.LightningDataModule):
         self.name, self.features, self.input_len, self.horizon = name, features, input_len, horizon
         self.path = Path(path) if path is not None else Path(root) / f"{name}.csv"
         self.target = target or (info.target if info else None)
-        self.split = tuple(split) if split is not None else (info.split if info else (0.7, 0.1, 0.2))
+        self.split = check_split(split) if split is not None else (info.split if info else (0.7, 0.1, 0.2))
         self.freq = info.freq if info else freq
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.datasets: dict[str, WindowDataset] = {}
@@ -207,15 +224,30 @@ class TimeSeriesDataModule(L.LightningDataModule):
         """Read and validate the CSV: a date column, numeric columns, no missing values."""
         if not self.path.exists():
             self.prepare_data()
-        df = pd.read_csv(self.path)
+        try:
+            df = pd.read_csv(self.path)
+        except pd.errors.EmptyDataError as err:
+            raise ValueError(f"{self.path}: the file is empty (expected a header with a 'date' column and data rows)") from err
         if "date" not in df.columns:
             raise ValueError(f"{self.path}: no 'date' column (columns: {list(df.columns)}); the first column must be the dates")
-        dates = pd.DatetimeIndex(pd.to_datetime(df.pop("date")))
+        if df.empty:
+            raise ValueError(f"{self.path}: no data rows, only the header {list(df.columns)}")
+        try:
+            dates = pd.DatetimeIndex(pd.to_datetime(df.pop("date")))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{self.path}: the 'date' column does not parse as dates: {err}") from err
+        if not dates.is_monotonic_increasing:
+            row = int(np.flatnonzero(np.diff(dates.asi8) < 0)[0]) + 1
+            raise ValueError(f"{self.path}: dates must be sorted in time; row {row} ({dates[row]}) comes before "
+                             f"row {row - 1} ({dates[row - 1]}). Sort the file by date first")
         bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
         if bad:
             raise ValueError(f"{self.path}: non-numeric columns {bad}; drop or encode them before forecasting")
         if df.isna().any().any():
             raise ValueError(f"{self.path}: missing values in columns {list(df.columns[df.isna().any()])}")
+        infinite = [c for c in df.columns if np.isinf(df[c].to_numpy(dtype=np.float64)).any()]
+        if infinite:
+            raise ValueError(f"{self.path}: infinite values in columns {infinite}")
         target = self.target or df.columns[-1]
         if target not in df.columns:
             raise ValueError(f"target={target!r} is not a column of {self.path} (columns: {list(df.columns)})")
