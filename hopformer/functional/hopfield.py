@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .separation import check_separation, is_softmax, separate, separated_attention, separation_conjugate
+from .separation import (
+    check_mask,
+    check_separation,
+    is_softmax,
+    nan_rows_to_output,
+    separate,
+    separated_attention,
+    separation_conjugate,
+)
 
 __all__ = ["hopfield_retrieve", "hopfield_energy", "association", "as_additive_mask"]
 
@@ -42,10 +50,19 @@ def _check_patterns(query: Tensor, keys: Tensor, values: Tensor | None) -> None:
 
 
 def _check_beta(beta: float | Tensor) -> None:
+    """beta must be positive and finite: inf gives NaN (softmax) or errors, a negative beta retrieves the
+    *least* similar pattern. A tensor beta is checked too (one device sync, skipped while tracing)."""
     if isinstance(beta, Tensor):
-        return  # learnable betas are kept positive by their parametrisation (exp / softplus)
-    if not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta (inverse temperature) must be a positive number, got {beta!r}")
+        if not beta.is_floating_point():
+            raise ValueError(f"beta (inverse temperature) must be a floating point tensor, got dtype {beta.dtype}")
+        if beta.numel() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(beta.detach())
+            if not (bool(lo > 0) and bool(hi < float("inf"))):  # also False for NaN
+                raise ValueError(f"beta (inverse temperature) must be positive and finite, got a tensor with values "
+                                 f"in [{lo.item():.4g}, {hi.item():.4g}]")
+        return
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+        raise ValueError(f"beta (inverse temperature) must be a positive finite number, got {beta!r}")
 
 
 def as_additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -57,6 +74,7 @@ def as_additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _scores(query: Tensor, keys: Tensor, beta: float | Tensor, mask: Tensor | None) -> Tensor:
     """``beta * query keys^T`` plus the mask as an additive term."""
+    check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
     scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
     additive = as_additive_mask(mask, scores.dtype)
     return scores if additive is None else scores + additive
@@ -89,7 +107,8 @@ def _step(x: Tensor, keys: Tensor, values: Tensor, *, beta, separation, mask, dr
     if is_softmax(separation):
         if isinstance(beta, Tensor):  # SDPA's scale takes floats only: fold a tensor beta into the query
             x, beta = x * beta, 1.0
-        return F.scaled_dot_product_attention(x, keys, values, attn_mask=mask, dropout_p=dropout, scale=float(beta))
+        out = F.scaled_dot_product_attention(x, keys, values, attn_mask=mask, dropout_p=dropout, scale=float(beta))
+        return nan_rows_to_output(x, out)
     weights = association(x, keys, beta=beta, separation=separation, mask=mask)
     return torch.matmul(F.dropout(weights, p=dropout), values)
 
@@ -137,6 +156,7 @@ def hopfield_retrieve(
     _check_patterns(query, keys, values)
     _check_beta(beta)
     separation = check_separation(separation)
+    check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if eps is not None and not eps > 0:

@@ -102,6 +102,9 @@ def _check_scores(scores: torch.Tensor, dim: int) -> int:
                         f"{getattr(scores, 'dtype', '')}")
     if scores.dim() == 0 or not -scores.dim() <= dim < scores.dim():
         raise ValueError(f"dim={dim} is out of range for scores of shape {tuple(scores.shape)}")
+    if scores.shape[dim] == 0 and all(s for i, s in enumerate(scores.shape) if i != dim % scores.dim()):
+        raise ValueError(f"scores of shape {tuple(scores.shape)} have no entries along dim={dim}: a separation "
+                         f"needs at least one score per row (there is no distribution over zero items)")
     return dim % scores.dim()
 
 
@@ -379,11 +382,7 @@ def separated_attention(
     score_shape = (*lead, query.shape[-2], keys.shape[-2])
     if isinstance(beta, torch.Tensor) and beta.numel() != 1 and (beta.dim() < 2 or beta.shape[-2:] != (1, 1)):
         raise ValueError(f"beta must be a float or a tensor broadcastable to (..., 1, 1); got shape {tuple(beta.shape)}")
-    if mask is not None:
-        try:
-            torch.broadcast_shapes(mask.shape, score_shape)
-        except RuntimeError:
-            raise ValueError(f"mask must broadcast to {score_shape}; got shape {tuple(mask.shape)}") from None
+    check_mask(mask, score_shape)
     if isinstance(spec, torch.Tensor):
         _check_alpha_shape(spec, score_shape, -1)
     beta = query.shape[-1] ** -0.5 if beta is None else beta
@@ -400,6 +399,29 @@ def separated_attention(
     return separated_attention_core(query, keys, values, beta, alpha, mask)
 
 
+def check_mask(mask: Optional[torch.Tensor], score_shape) -> None:
+    """A mask is boolean (True = the key takes part) or floating (added to the scores) and broadcasts to the
+    scores without enlarging them; an integer mask would be added to the scores and mask nothing."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"mask must be a boolean or floating point tensor (as in scaled_dot_product_attention); "
+                        f"got {getattr(mask, 'dtype', type(mask).__name__)}")
+    try:
+        ok = torch.broadcast_shapes(mask.shape, score_shape) == torch.Size(score_shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask must broadcast to the scores' shape {tuple(score_shape)}; got shape {tuple(mask.shape)}")
+
+
+def nan_rows_to_output(query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """NaN output rows where the query row is not finite (SDPA's fused kernels can return finite numbers
+    there, while the materialised ``softmax(q k^T) v`` gives NaN): one answer on every path, no device sync."""
+    bad = ~torch.isfinite(query).all(dim=-1, keepdim=True)
+    return out.masked_fill(bad, float("nan"))
+
+
 def _softmax_attention(query, keys, values, beta, mask):
     """SDPA with all-masked rows reading out zeros (instead of NaN)."""
     if isinstance(beta, torch.Tensor):
@@ -412,5 +434,5 @@ def _softmax_attention(query, keys, values, beta, mask):
             mask = mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)
         else:
             empty = None
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=float(beta))
+    out = nan_rows_to_output(query, F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=float(beta)))
     return out if empty is None else out.masked_fill(empty, 0.0)

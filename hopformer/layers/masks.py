@@ -33,6 +33,10 @@ def merge_masks(
     dtype: torch.dtype,
 ) -> Tensor | None:
     """Combine the two layer masks into one core mask of shape ``(batch or 1, heads or 1, n_query, n_keys)``."""
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and not (m.dtype == torch.bool or m.is_floating_point()):
+            raise TypeError(f"{name} must be a boolean (True = ignore) or floating point (added to the scores) tensor, "
+                            f"as in nn.MultiheadAttention; got dtype {m.dtype}")
     parts = []
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (batch, n_keys):

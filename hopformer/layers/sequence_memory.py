@@ -379,6 +379,8 @@ class TemporalSequenceMemory(nn.Module):
         init = self.patterns[0] if init is None else init.to(self.patterns)
         if tuple(init.shape) != (self.dim,):
             raise ValueError(f"init must have shape (d,) = ({self.dim},), got {tuple(init.shape)}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError(f"init must be finite; got NaN/inf at indices {torch.nonzero(~torch.isfinite(init)).flatten().tolist()}")
         steps = set(int(m) for m in trace_steps)
         with torch.no_grad():
             if solver == "cccp":
