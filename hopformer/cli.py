@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -150,6 +151,35 @@ def _flat(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
+def _raised_by_hopformer(err: BaseException) -> bool:
+    tb, last = err.__traceback__, None
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return last is not None and Path(__file__).resolve().parent in Path(last).resolve().parents
+
+
+def _own_error(err: BaseException) -> BaseException | None:
+    """The first error in ``err``'s chain that hopformer raised itself (or a missing file), else None."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, FileNotFoundError) or (cause is not err and _raised_by_hopformer(cause)):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _check_checkpoint_file(path: str | None) -> None:
+    """A ``--ckpt_path`` that is not a checkpoint gets a message saying so (torch.load's advice to pass
+    ``weights_only=False`` would be wrong for it)."""
+    if path and Path(path).is_file() and not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80":  # neither torch.save's zip archive nor a legacy pickle
+            raise ValueError(f"--ckpt_path '{path}' is not a checkpoint: expected a file written by "
+                             f"Trainer.save_checkpoint / torch.save (a zip archive), got {Path(path).stat().st_size} "
+                             f"bytes starting with {head!r}")
+
+
 class HopformerCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
@@ -187,6 +217,8 @@ class HopformerCLI(LightningCLI):
         options on the command line are put back on top (and the options from config files that the
         checkpoint changed are named on stderr), so the run uses, and ``config.yaml`` records, what was asked."""
         sub = self.config.get("subcommand")
+        if sub:
+            _check_checkpoint_file(self.config[sub].get("ckpt_path"))
         before = self.config.clone() if sub else None
         super()._parse_ckpt_path()
         if before is None:
@@ -222,11 +254,9 @@ class HopformerCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            # jsonargparse wraps a data module's FileNotFoundError (the data is Optional, a Union) in a
+            # jsonargparse wraps an error of a model or data class (the classes are Optional, a Union) in a
             # ValueError listing every Union member; re-raise the original, clear message.
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, FileNotFoundError):
-                cause = cause.__cause__ or cause.__context__
+            cause = _own_error(err)
             if cause is None:
                 raise
             raise cause from None

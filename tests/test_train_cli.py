@@ -258,3 +258,18 @@ def test_explicit_model_options_win_over_the_checkpoint(tmp_path, capsys):
                     "--trainer.default_root_dir", str(tmp_path / "test"), "--trainer.limit_test_batches", "1"])
     assert res.model.hparams.weight_decay == 0.05
     assert "model.init_args.weight_decay=0.05 (config: 0.123)" in capsys.readouterr().err
+
+
+def test_typo_in_backbone_kwargs_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"backbone_kwargs: 'separaton' is not an option.*did you mean 'separation'"):
+        _fit(tmp_path, "typo", "--model.init_args.backbone_kwargs", "{attention: kernelized, separaton: sparsemax}")
+    with pytest.raises(ValueError, match=r"backbone_kwargs.attn_kwargs: 'update_step' is not an option"):
+        _fit(tmp_path, "typo", "--model.init_args.backbone_kwargs", "{attn_kwargs: {update_step: 2}}")
+
+
+def test_garbage_checkpoint_is_named_as_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match=f"--ckpt_path '{bad}' is not a checkpoint"):
+        cli.main(["test", "--config", str(DEFAULT), "--ckpt_path", str(bad), *QUIET,
+                  "--trainer.default_root_dir", str(tmp_path / "runs")])

@@ -13,7 +13,10 @@ The learning rate is logged by ``LearningRateMonitor`` (added by ``train.py``).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import re
 from typing import Any, Literal, Mapping
 
 import lightning as L
@@ -37,7 +40,33 @@ def build_backbone(name: str, num_classes: int, kwargs: Mapping[str, Any] | None
         raise ValueError(
             f"unknown model {name!r}: expected a timm model name, e.g. one of the Hopfield models {hopfield}"
         )
-    return timm.create_model(name, num_classes=num_classes, **dict(kwargs or {}))
+    kwargs = dict(kwargs or {})
+    try:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # a typo in backbone_kwargs (or in its attn_kwargs): name the key
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if match is None:
+            raise
+        key = match.group(1)
+        where = "backbone_kwargs" if key in kwargs else "backbone_kwargs.attn_kwargs"
+        known = _backbone_options()
+        close = difflib.get_close_matches(key, known + list(dict(kwargs.get("attn_kwargs") or {})), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where}: {key!r} is not an option of model {name!r}{hint}; "
+                         f"{type(err).__name__}: {err}") from None
+
+
+def _backbone_options() -> list[str]:
+    """Keyword arguments the Hopfield ViTs and ViH accept (for "did you mean" hints)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ..models.vih import ViH
+    from ..models.vit import hopfield_vit
+
+    names = {"attention", "separation", "attn_kwargs"}
+    for fn in (VisionTransformer.__init__, ViH.__init__, hopfield_vit):
+        names.update(p for p in inspect.signature(fn).parameters if p not in ("self", "args", "kwargs"))
+    return sorted(names)
 
 
 def expected_input(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
