@@ -158,3 +158,25 @@ def test_baselines():
         DLinear(30, 11, 3, kernel_size=4)
     with pytest.raises(ValueError, match="input_len=30"):
         DLinear(30, 11, 3)(torch.randn(4, 29, 3))
+
+
+def test_forecast_is_the_sum_of_each_decoder_layer_on_its_own_scale():
+    """Decoder layer i cross-associates with encoder output i (embedding, then each scale); the per-layer
+    patch predictions are summed (not averaged). Reference written out step by step from the paper's sec. 4.4."""
+    net = small_net(input_len=48, horizon=30, num_layers=2)
+    x = torch.randn(2, 48, 5)
+    with torch.no_grad():
+        z = net.embedding(x)
+        scales = [z]
+        for coarse, block in zip(net.coarse, net.encoder):
+            z = block(coarse(z))
+            scales.append(z)
+        assert len(scales) == len(net.decoder) == 3
+        assert [s.shape[2] for s in scales] == [4, 4, 2] and not torch.allclose(scales[0], scales[1])
+        queries = net.decoder_position.expand(2, -1, -1, -1)
+        total = torch.zeros(())
+        for i in range(3):
+            queries, patches = net.decoder[i](queries, scales[i])
+            total = total + patches
+        expected = total.permute(0, 2, 3, 1).reshape(2, -1, 5)[:, :30]
+        torch.testing.assert_close(net(x), expected)

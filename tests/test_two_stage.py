@@ -186,3 +186,55 @@ def test_bad_arguments(kwargs):
 def test_kernelized_attention_is_found_by_duck_typing():
     layer = KernelizedHopfieldAttention(16, num_heads=2)
     assert find_uhop_modules(nn.Sequential(layer))[0][1] is layer
+
+
+class ModeRecorder(ToyModule):
+    """Records whether the module (and its dropout) is in training mode when stage II runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.modes: list[tuple[bool, bool]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append((self.training, self.drop.training))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("schedule", ["every_step", "per_epoch", "pretrain_epochs"])
+def test_stage_two_runs_in_training_mode_after_stage_one(schedule):
+    """Stage I's memory forward runs in eval mode; stage II must be back in training mode (dropout on)."""
+    torch.manual_seed(0)
+    module = ModeRecorder()
+    _trainer([UHopSeparation(schedule=schedule)], max_steps=-1, max_epochs=1).fit(module, DataLoader(_data(), batch_size=8))
+    assert module.modes == [(True, True)] * 4
+
+
+@pytest.mark.parametrize("passes", [0, 1, 3])
+def test_pretrain_epochs_runs_that_many_passes(passes):
+    torch.manual_seed(0)
+    module = ToyModule()
+    cb = UHopSeparation(schedule="pretrain_epochs", pretrain_epochs=passes)
+    calls = []
+    step = cb.separation_step
+    cb.separation_step = lambda m, b: calls.append(len(b[0])) or step(m, b)
+    _trainer([cb], max_steps=1).fit(module, DataLoader(_data(), batch_size=8))
+    assert calls == [8] * (4 * passes)  # 4 batches per pass, before the first stage-II step
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_every_stage_one_optimizer_lowers_the_loss_and_moves_only_the_feature_map(name, cls):
+    torch.manual_seed(0)
+    module = ToyModule()
+    cb = UHopSeparation(optimizer=name, lr=0.05, steps=1)
+    cb._build(module)
+    assert type(cb.optimizer) is cls and cb.optimizer.defaults["lr"] == 0.05
+    before = _snapshot(module)
+    batch = _data()[:16]
+    first = cb.separation_step(module, batch)["total"]
+    for _ in range(20):
+        last = cb.separation_step(module, batch)["total"]
+    assert last < first - 1e-3
+    assert _changed(before, module) == {"layer.W"}
+    if name != "sgd":
+        assert cb.optimizer.state_dict()["state"][0]["step"] == 21  # Adam moments kept across steps
