@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from hopformer.functional import separate
 from hopformer.layers import HopfieldAttention, KernelizedHopfield, KernelizedHopfieldAttention, uhop_modules
 from hopformer.models import HOPFIELD_VIT_MODELS, ViH, load_vit_state_dict
 from hopformer.models.vit import hopfield_attn_layer
@@ -29,10 +30,18 @@ def test_registered_and_sized(name):
 def test_separations(separation):
     model = timm.create_model("hopfield_vit_tiny_patch4_32", separation=separation, num_classes=10, **SMALL)
     attn = model.blocks[0].attn
-    out, assoc = attn(torch.randn(2, 65, 192), return_association=True)
+    x = torch.randn(2, 65, 192)
+    out, assoc = attn(x, return_association=True)
     assert out.shape == (2, 65, 192)
-    zeros = (assoc == 0).any().item()
-    assert zeros == (separation in ("sparsemax",)) or separation not in ("softmax", "sparsemax")
+    # The association is the configured separation of the scaled scores (reference: the map itself on
+    # q k^T / sqrt(d) computed here from the qkv projection), and the output reads out the values with it.
+    q, k, v = attn.qkv(x).reshape(2, 65, 3, 3, 64).permute(2, 0, 3, 1, 4)
+    alpha = {"softmax": 1.0, "sparsemax": 2.0, "entmax15": 1.5, 1.3: 1.3}.get(separation)
+    expected = separate(q @ k.transpose(-1, -2) / 8.0, attn.current_separation() if alpha is None else alpha)
+    torch.testing.assert_close(assoc, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, attn.proj((assoc @ v).transpose(1, 2).reshape(2, 65, 192)), atol=1e-5, rtol=1e-4)
+    if separation in ("softmax", "sparsemax", "entmax15"):  # alpha near 1 need not reach exact zeros
+        assert bool((assoc == 0).any()) == (separation != "softmax")
     if separation == "learnable":
         assert 1.0 < float(attn.current_separation().detach()) < 2.0
         out.sum().backward()
