@@ -22,6 +22,12 @@ What this CLI adds to ``LightningCLI``:
 - Checks before any work: the module's ``check_datamodule(datamodule)`` (image size, channels,
   classes); unknown model names and missing data folders fail when the classes are built.
 - ``--test_after_fit true``: after ``fit``, validate and test the best checkpoint and print the metrics.
+- Run folders: ``version_<n>`` is claimed atomically for every logger configuration (two runs started
+  together never share one); ``fit --ckpt_path <root>/version_<n>/checkpoints/last.ckpt`` continues in
+  ``version_<n>`` (best path and score reloaded, ``metrics.csv`` appended); ``last.ckpt`` is also saved
+  every ``--last_checkpoint_minutes`` (default 10) within an epoch.
+- ``--ckpt_path``: explicit ``--model.*`` options win over the checkpoint's hyperparameters; a file that
+  is not a checkpoint is named as such.
 """
 
 from __future__ import annotations
