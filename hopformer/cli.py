@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +47,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from hopformer._cli_helpers import check_checkpoint_file, explicit_options, flat, get, own_error, resolve, set_path
 from hopformer.training.run_folder import AppendingCSVLogger, claim_version, version_of_checkpoint
 
 __all__ = ["HopformerCLI", "main", "DEFAULT_CONFIG"]
@@ -96,96 +96,6 @@ def _claim_for_user_loggers(loggers: Any, ckpt_path: str | None) -> None:
             logger._version = _run_version(logger.root_dir, version_of_checkpoint(ckpt_path, logger.root_dir))
 
 
-def _explicit_options(args: list[str], group: str) -> list[str]:
-    """Dotted keys given as ``--group[.key]`` / ``--group[.key]=value`` on the command line, in order."""
-    keys = []
-    for token in args:
-        name = token.split("=", 1)[0]
-        if name == f"--{group}" or name.startswith(f"--{group}."):
-            keys.append(name[2:].rstrip("+"))
-    return keys
-
-
-def _get(node: Any, path: list[str]) -> Any:
-    for part in path:
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
-def _has(node: Any, part: str) -> bool:
-    return part in node if isinstance(node, dict) else isinstance(node, Namespace) and part in vars(node)
-
-
-def _resolve(config: Any, key: str) -> list[str] | None:
-    """The path of ``key`` in ``config``; ``model.x`` may stand for ``model.init_args.x`` (jsonargparse shorthand)."""
-    parts = key.split(".")
-    for path in (parts, parts[:1] + ["init_args"] + parts[1:]):
-        node, ok = config, True
-        for part in path:
-            if not _has(node, part):
-                ok = False
-                break
-            node = _get(node, [part])
-        if ok:
-            return path
-    return None
-
-
-def _assign(node: Any, key: str, value: Any) -> None:
-    if isinstance(node, dict):
-        node[key] = value
-    else:
-        setattr(node, key, value)
-
-
-def _set(config: Any, path: list[str], value: Any) -> None:
-    parent = config
-    for part in path[:-1]:
-        child = _get(parent, [part])
-        if isinstance(child, dict):  # a copy, so that a dict shared with another namespace stays as it was
-            child = dict(child)
-            _assign(parent, part, child)
-        parent = child
-    _assign(parent, path[-1], value)
-
-
-def _flat(node: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(node, Namespace):
-        node = vars(node)
-    if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}.{key}").items()}
-    return {prefix: node}
-
-
-def _raised_by_hopformer(err: BaseException) -> bool:
-    tb, last = err.__traceback__, None
-    while tb is not None:
-        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-    return last is not None and Path(__file__).resolve().parent in Path(last).resolve().parents
-
-
-def _own_error(err: BaseException) -> BaseException | None:
-    """The first error in ``err``'s chain that hopformer raised itself (or a missing file), else None."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, FileNotFoundError) or (cause is not err and _raised_by_hopformer(cause)):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def _check_checkpoint_file(path: str | None) -> None:
-    """A ``--ckpt_path`` that is not a checkpoint gets a message saying so (torch.load's advice to pass
-    ``weights_only=False`` would be wrong for it)."""
-    if path and Path(path).is_file() and not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] != b"\x80":  # neither torch.save's zip archive nor a legacy pickle
-            raise ValueError(f"--ckpt_path '{path}' is not a checkpoint: expected a file written by "
-                             f"Trainer.save_checkpoint / torch.save (a zip archive), got {Path(path).stat().st_size} "
-                             f"bytes starting with {head!r}")
-
-
 class HopformerCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
@@ -224,19 +134,19 @@ class HopformerCLI(LightningCLI):
         checkpoint changed are named on stderr), so the run uses, and ``config.yaml`` records, what was asked."""
         sub = self.config.get("subcommand")
         if sub:
-            _check_checkpoint_file(self.config[sub].get("ckpt_path"))
+            check_checkpoint_file(self.config[sub].get("ckpt_path"))
         before = self.config.clone() if sub else None
         super()._parse_ckpt_path()
         if before is None:
             return
-        explicit = _explicit_options(getattr(self, "_raw_args", []), "model")
+        explicit = explicit_options(getattr(self, "_raw_args", []), "model")
         restored = []
         for key in explicit:
-            path = _resolve(before[sub], key)
+            path = resolve(before[sub], key)
             if path is not None:
-                _set(self.config[sub], path, copy.deepcopy(_get(before[sub], path)))
+                set_path(self.config[sub], path, copy.deepcopy(get(before[sub], path)))
                 restored.append(".".join(path))
-        old, new = _flat(before[sub].get("model"), "model"), _flat(self.config[sub].get("model"), "model")
+        old, new = flat(before[sub].get("model"), "model"), flat(self.config[sub].get("model"), "model")
         changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in restored)}
         if changed and _is_rank_zero():
@@ -262,7 +172,7 @@ class HopformerCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             # jsonargparse wraps an error of a model or data class (the classes are Optional, a Union) in a
             # ValueError listing every Union member; re-raise the original, clear message.
-            cause = _own_error(err)
+            cause = own_error(err)
             if cause is None:
                 raise
             raise cause from None

@@ -205,6 +205,6 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     dm = ImageFolderDataModule(root=str(tmp_path), val_size=1, image_size=8, augment=False, shuffle=False)
     dm.setup("fit")
-    with pytest.raises(OSError, match=f"cannot read image '.*img1.png'"):
+    with pytest.raises(OSError, match="cannot read image '.*img1.png'"):
         for _ in dm.train_dataloader():
             pass
