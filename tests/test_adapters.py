@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import Attention, VisionTransformer
 
+from hopformer.functional import hopfield_energy, separate
 from hopformer.layers import HopfieldAttention, MultiheadHopfield
 
 
@@ -98,9 +99,14 @@ def test_hopfield_vit_loads_plain_vit_weights_and_reproduces_it():
 
 def test_adapter_association_and_energy_access():
     layer = HopfieldAttention(16, 2, separation="entmax15", update_steps=2)
-    out, assoc = layer(torch.randn(3, 5, 16), return_association=True)
+    x = torch.randn(3, 5, 16)
+    out, assoc = layer(x, return_association=True)
     assert out.shape == (3, 5, 16) and assoc.shape == (3, 2, 5, 5)
-    assert layer.energy(torch.randn(3, 5, 16)).shape == (3, 2, 5)
+    q, k, v = layer.qkv(x).reshape(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)  # timm's qkv layout
+    state = separate(8**-0.5 * q @ k.transpose(-1, -2), "entmax15") @ k  # one update step, then the read-out
+    torch.testing.assert_close(assoc, separate(8**-0.5 * state @ k.transpose(-1, -2), "entmax15"), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, layer.proj((assoc @ v).transpose(1, 2).reshape(3, 5, 16)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.energy(x), hopfield_energy(q, k, beta=8**-0.5, separation="entmax15"))
 
 
 def test_adapter_bad_options():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from hopformer.functional import separate
 from hopformer.layers import (
     GeneralizedSparseHopfield,
     Hopfield,
@@ -39,8 +40,17 @@ def test_variants_dispatch_to_their_own_map():
 
 def test_cross_association_with_distinct_dims_and_values():
     layer = Hopfield(8, 2, stored_dim=6, value_dim=10, out_dim=3, head_dim=5, separation="entmax15", update_steps=3)
-    out, assoc = layer(torch.randn(4, 2, 8), torch.randn(4, 9, 6), torch.randn(4, 9, 10), return_association=True)
+    state, stored, values = torch.randn(4, 2, 8), torch.randn(4, 9, 6), torch.randn(4, 9, 10)
+    out, assoc = layer(state, stored, values, return_association=True)
     assert out.shape == (4, 2, 3) and assoc.shape == (4, 2, 2, 9)
+    # Reference written out: 2 steps x <- entmax15(beta x K^T) K in the projected key space, then the read-out.
+    heads = lambda t: t.reshape(4, -1, 2, 5).transpose(1, 2)  # noqa: E731
+    x, k, v = heads(layer.q_proj(state)), heads(layer.k_proj(stored)), heads(layer.v_proj(values))
+    for _ in range(2):
+        x = separate(5**-0.5 * x @ k.transpose(-1, -2), "entmax15") @ k
+    weights = separate(5**-0.5 * x @ k.transpose(-1, -2), "entmax15")
+    torch.testing.assert_close(assoc, weights, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, layer.out_proj((weights @ v).transpose(1, 2).reshape(4, 2, 10)), atol=1e-5, rtol=1e-4)
 
 
 def test_pure_retrieval_without_projections_recovers_stored_patterns():
@@ -102,12 +112,17 @@ def test_pooling_and_lookup_forms():
     torch.manual_seed(6)
     pool = HopfieldPooling(16, 2, num_queries=3, separation="sparsemax")
     assert torch.isfinite(pool.queries).all() and pool.queries.abs().sum() > 0
-    out, assoc = pool(torch.randn(4, 10, 16), return_association=True)
+    stored = torch.randn(4, 10, 16)
+    out, assoc = pool(stored, return_association=True)
     assert out.shape == (4, 3, 16) and assoc.shape == (4, 2, 3, 10)
-    assert pool.energy(torch.randn(4, 10, 16)).shape == (4, 2, 3)
+    queries = pool.queries.expand(4, -1, -1)  # pooling = association of the learned queries with the input
+    torch.testing.assert_close(out, pool.hopfield(queries, stored))
+    torch.testing.assert_close(pool.energy(stored), pool.hopfield.energy(queries, stored))
+    assert not torch.allclose(out[0], out[1])  # each set pooled on its own
     lookup = HopfieldLayer(16, 2, num_patterns=12)
-    y = lookup(torch.randn(4, 5, 16))
-    assert y.shape == (4, 5, 16)
+    x = torch.randn(4, 5, 16)
+    y = lookup(x)
+    torch.testing.assert_close(y, lookup.hopfield(x, lookup.patterns.expand(4, -1, -1)))  # lookup in the learned memory
     y.sum().backward()
     assert lookup.patterns.grad.abs().sum() > 0
 
