@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 
-__all__ = ["explicit_options", "resolve", "get", "set_path", "flat", "own_error", "check_checkpoint_file"]
+__all__ = ["explicit_options", "resolve", "get", "set_path", "flat", "own_error"]
 
 
 def explicit_options(args: list[str], group: str) -> list[str]:
@@ -87,15 +86,3 @@ def own_error(err: BaseException) -> BaseException | None:
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
-
-
-def check_checkpoint_file(path: str | None) -> None:
-    """A ``--ckpt_path`` that is not a checkpoint gets a message saying so (torch.load's advice to pass
-    ``weights_only=False`` would be wrong for it)."""
-    if path and Path(path).is_file() and not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] != b"\x80":  # neither torch.save's zip archive nor a legacy pickle
-            raise ValueError(f"--ckpt_path '{path}' is not a checkpoint: expected a file written by "
-                             f"Trainer.save_checkpoint / torch.save (a zip archive), got {Path(path).stat().st_size} "
-                             f"bytes starting with {head!r}")

@@ -47,7 +47,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from hopformer._cli_helpers import check_checkpoint_file, explicit_options, flat, get, own_error, resolve, set_path
+from hopformer._cli_helpers import explicit_options, flat, get, own_error, resolve, set_path
+from hopformer.training.checkpoint_file import check_checkpoint_file
 from hopformer.training.run_folder import AppendingCSVLogger, claim_version, version_of_checkpoint
 
 __all__ = ["HopformerCLI", "main", "DEFAULT_CONFIG"]
@@ -134,7 +135,9 @@ class HopformerCLI(LightningCLI):
         checkpoint changed are named on stderr), so the run uses, and ``config.yaml`` records, what was asked."""
         sub = self.config.get("subcommand")
         if sub:
-            check_checkpoint_file(self.config[sub].get("ckpt_path"))
+            ckpt_path = self.config[sub].get("ckpt_path")
+            if ckpt_path and Path(ckpt_path).is_file():  # "last"/"best" and missing files: Lightning's messages
+                check_checkpoint_file(ckpt_path, "--ckpt_path")
         before = self.config.clone() if sub else None
         super()._parse_ckpt_path()
         if before is None:

@@ -280,3 +280,21 @@ def test_garbage_checkpoint_is_named_as_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=f"--ckpt_path '{bad}' is not a checkpoint"):
         cli.main(["test", "--config", str(DEFAULT), "--ckpt_path", str(bad), *QUIET,
                   "--trainer.default_root_dir", str(tmp_path / "runs")])
+
+
+def test_garbage_init_checkpoint_names_the_file(tmp_path):
+    from hopformer.training import ClassificationModule, ForecastingModule
+    from hopformer.models import STanHopNet
+
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"garbage, not torch.save output")
+    with pytest.raises(ValueError, match=f"init_checkpoint '{bad}' is not a checkpoint"):
+        ClassificationModule(init_checkpoint=str(bad))
+    with pytest.raises(ValueError, match=f"init_checkpoint '{bad}' is not a checkpoint"):
+        ForecastingModule(STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2),
+                          init_checkpoint=str(bad))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match="init_checkpoint .*truncated.pt"):
+        ClassificationModule(init_checkpoint=str(truncated))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import models as _models  # noqa: F401  (registers the Hopfield ViTs and ViH with timm)
+from .checkpoint_file import read_checkpoint
 
 __all__ = ["ClassificationModule", "expected_input", "build_backbone"]
 
@@ -137,7 +138,7 @@ class ClassificationModule(L.LightningModule):
     def _load_init(self, path: str) -> None:
         from ..models.vit import load_vit_state_dict
 
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path, "init_checkpoint")
         state = state.get("state_dict", state)
         state = {k.removeprefix("model."): v for k, v in state.items()}
         load_vit_state_dict(self.model, state)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
+from .checkpoint_file import read_checkpoint
+
 __all__ = ["ForecastingModule", "crossformer_type1_factor", "plot_forecasts"]
 
 
@@ -92,7 +94,7 @@ class ForecastingModule(L.LightningModule):
             for name, p in self.model.named_parameters():
                 p.requires_grad_(".memory." in f".{name}")
         if init_checkpoint is not None:
-            state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = read_checkpoint(init_checkpoint, "init_checkpoint")["state_dict"]
             try:
                 result = self.load_state_dict(state, strict=False)
             except RuntimeError as err:  # shape mismatches
