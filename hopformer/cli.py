@@ -41,8 +41,8 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -94,7 +94,10 @@ def _claim_for_user_loggers(loggers: Any, ckpt_path: str | None) -> None:
     """Give a user-configured CSV/TensorBoard logger without a version a claimed (or the resumed) one."""
     for logger in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
         if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None:
-            logger._version = _run_version(logger.root_dir, version_of_checkpoint(ckpt_path, logger.root_dir))
+            resume = version_of_checkpoint(ckpt_path, logger.root_dir)
+            logger._version = _run_version(logger.root_dir, resume)
+            if resume is not None and type(logger) is CSVLogger:
+                logger.__class__ = AppendingCSVLogger  # Lightning's writer would delete the run's metrics.csv
 
 
 class HopformerCLI(LightningCLI):

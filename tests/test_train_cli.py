@@ -298,3 +298,16 @@ def test_garbage_init_checkpoint_names_the_file(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(ValueError, match="init_checkpoint .*truncated.pt"):
         ClassificationModule(init_checkpoint=str(truncated))
+
+
+def test_resume_with_a_user_csv_logger_keeps_its_metrics(tmp_path):
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    common = [*_short(2, subset=64), "--trainer.callbacks", "[]", "--test_after_fit", "false", *logger]
+    _fit(tmp_path, "unused", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs")
+    run = tmp_path / "lightning_logs" / "version_0"
+    _fit(tmp_path, "unused", *common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    import csv
+
+    epochs = {int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_acc")}
+    assert epochs == {0, 1}  # the first epoch's rows survived the resumed run
