@@ -202,14 +202,33 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
     assert {r.trainer.log_dir for r in own} == {str(tmp_path / "lightning_logs" / f"version_{i}") for i in (0, 1)}
 
 
-def test_claim_version_is_atomic_across_processes(tmp_path):
-    import multiprocessing
+def test_claim_version_is_atomic(tmp_path):
+    """16 claims released at once by a barrier (threads: mkdir's atomicity is the file system's, as for processes)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from hopformer.training.run_folder import claim_version
 
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        versions = pool.map(claim_version, [tmp_path] * 16)
+    barrier = threading.Barrier(16)
+
+    def claim(_):
+        barrier.wait()
+        return claim_version(tmp_path)
+
+    with ThreadPoolExecutor(16) as pool:
+        versions = list(pool.map(claim, range(16)))
     assert sorted(versions) == list(range(16))
+
+
+def test_claim_version_moves_on_when_another_run_got_there_first(tmp_path, monkeypatch):
+    """The race itself: the listing is stale (another process created version_0 and version_1 after it)."""
+    from hopformer.training import run_folder
+
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_1").mkdir()
+    monkeypatch.setattr(run_folder, "_versions", lambda root: [])
+    assert run_folder.claim_version(tmp_path) == 2
+    assert run_folder.claim_version(tmp_path) == 3
 
 
 def test_resume_continues_in_its_folder_with_its_best_checkpoint(tmp_path, capsys):
