@@ -272,3 +272,7 @@ def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
             torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
     return cli
 
+
+
+if __name__ == "__main__":  # python -m hopformer.cli (used by hopformer.compare)
+    main()
