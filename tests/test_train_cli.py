@@ -257,7 +257,10 @@ def test_last_checkpoint_is_saved_within_an_epoch(tmp_path):
              "--trainer.callbacks+=test_train_cli.FailAtBatch", "--trainer.callbacks.batch=3")
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file(), "a run killed mid-epoch must leave a recent last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 4
+    state = torch.load(last, weights_only=False)
+    # Saved within epoch 0 (20 batches), at one of the last steps before the failure at the 4th batch
+    # (the failing callback may run before or after the checkpoint callback of that batch).
+    assert state["epoch"] == 0 and 2 <= state["global_step"] <= 4, state["global_step"]
 
 
 def test_explicit_model_options_win_over_the_checkpoint(tmp_path, capsys):
