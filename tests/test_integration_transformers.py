@@ -364,3 +364,65 @@ def test_unsupported_softcap_is_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="softcap"):
         hf.HopfieldAttentionBackend()(_Layer(), q, k, v, None, softcap=30.0)
+
+
+# ----------------------------------------------------------------------------- Lightning: train.py with an HF model
+
+from pathlib import Path  # noqa: E402
+
+from hopformer import cli  # noqa: E402
+from hopformer.data.text import CharTextDataModule, builtin_text, decode, encode  # noqa: E402
+from hopformer.training.language import CausalLMModule  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_builtin_text_and_windows():
+    text = builtin_text("python_reference")
+    assert len(text) > 10_000 and "statement" in text
+    assert "Beautiful is better than ugly." in builtin_text("zen")
+    assert decode(encode("if x: pass")) == "if x: pass"
+    dm = CharTextDataModule(max_chars=20_000, seq_len=32, batch_size=4)
+    dm.setup("fit")
+    item = dm.train_set[0]
+    assert item["input_ids"].shape == (32,) and int(item["input_ids"].max()) < dm.vocab_size
+    assert len(dm.train_set) == int(20_000 * 0.9) // 32
+    with pytest.raises(ValueError, match="seq_len"):
+        CharTextDataModule(seq_len=1)
+    with pytest.raises(ValueError, match="source"):
+        builtin_text("shakespeare")
+
+
+def test_causal_lm_module_rejects_unknown_backend_and_small_vocab():
+    with pytest.raises(ValueError, match="attn_implementation='hopfield_typo'"):
+        CausalLMModule(attn_implementation="hopfield_typo")
+    with pytest.raises(ValueError, match="vocab_size"):
+        CausalLMModule(vocab_size=64, num_layers=1).check_datamodule(CharTextDataModule())
+
+
+def _fit(tmp_path: Path, config: str, *extra: str):
+    args = ["fit", "--config", str(CONFIGS / config), "--trainer.default_root_dir", str(tmp_path), *QUIET, *extra]
+    return cli.main(args)
+
+
+def test_train_py_fits_a_hopfield_llama_short(tmp_path):
+    """Short version of configs/hf_llama_sparsemax_chars.yaml: the loss falls well below uniform (ln 128)."""
+    run = _fit(
+        tmp_path, "hf_llama_sparsemax_chars.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "30",
+        "--trainer.limit_val_batches", "4", "--model.init_args.warmup_steps", "5", "--data.init_args.max_chars", "40000",
+        "--data.init_args.batch_size", "16", "--model.init_args.num_layers", "1", "--test_after_fit", "false",
+    )
+    val = float(run.trainer.callback_metrics["val_loss"])
+    assert val < 0.8 * torch.log(torch.tensor(128.0)).item(), val
+    assert run.model.model.config._attn_implementation == "hopfield_sparsemax"
+    out = run.model.generate(encode("The ")[None], max_new_tokens=8)
+    assert out.shape == (1, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["hf_llama_sparsemax_chars.yaml", "hf_llama_learnable_alpha_chars.yaml"])
+def test_train_py_hf_configs_full(tmp_path, config):
+    """The configs as shipped (a few minutes each on 2 CPU cores): test loss below 2.6 nats/char."""
+    run = _fit(tmp_path, config, "--test_after_fit", "true")
+    assert float(run.trainer.callback_metrics["test_loss"]) < 2.6
