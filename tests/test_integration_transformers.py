@@ -27,6 +27,10 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from hopformer.integrations import transformers as hf  # noqa: E402
@@ -67,6 +71,28 @@ def gpt2(init: float = 0.02) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def mistral_sliding() -> MistralForCausalLM:
+    """Sliding-window attention (window 4 < sequence length 9): the mask function must carry the window."""
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4, pad_token_id=0, initializer_range=0.2,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
+ARCHS = {"llama": llama, "bert": bert, "gpt2": gpt2, "qwen2": qwen2, "mistral_sliding": mistral_sliding}
+
+
 def batch(left_pad: bool = True, n: int = 9):
     """Token ids (2, n) and a padding mask: row 0 padded by 3 (left or right), row 1 full."""
     g = torch.Generator().manual_seed(1)
@@ -89,10 +115,10 @@ def run(model, impl: str, ids, mask, **kw):
 # ----------------------------------------------------------------------------- softmax == the model's attention
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("reference", ["sdpa", "eager"])
 def test_hopfield_softmax_reproduces_model_attention(arch, reference):
-    model = {"llama": llama, "bert": bert, "gpt2": gpt2}[arch]()
+    model = ARCHS[arch]()
     ids, mask = batch(left_pad=arch != "bert")
     field = "last_hidden_state" if arch == "bert" else "logits"
     ref = getattr(run(model, reference, ids, mask), field)
@@ -271,16 +297,19 @@ def test_causal_flag_without_mask_is_aligned_to_the_last_key():
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_dropout_only_in_training():
+@pytest.mark.parametrize("impl", ["hopfield_softmax", "hopfield_sparsemax"])
+def test_dropout_only_in_training(impl):
     model = llama(dropout=0.5, layers=1)
     ids, mask = batch()
-    model.set_attn_implementation("hopfield_sparsemax")
+    model.set_attn_implementation(impl)
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
         torch.testing.assert_close(a, b)
         model.train()
         c = model(input_ids=ids).logits
+        padded = model(input_ids=ids, attention_mask=mask).logits  # all-masked (left-pad) rows + dropout
     assert not torch.allclose(a, c)
+    assert torch.isfinite(padded).all()
 
 
 def test_learnable_alpha_per_head_gets_gradients_and_moves():
