@@ -152,6 +152,25 @@ def test_returned_weights_match_eager(arch):
         torch.testing.assert_close(g * rows, r * rows, atol=1e-6, rtol=1e-5)
 
 
+def test_one_line_selection_from_config_and_from_pretrained(tmp_path):
+    """attn_implementation= in the config and in from_pretrained (a local directory, no hub) selects a backend."""
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="hopfield_entmax15",
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.config._attn_implementation == "hopfield_entmax15"
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="hopfield_sparsemax").eval()
+    assert loaded.config._attn_implementation == "hopfield_sparsemax"
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0],
+            run(model, "hopfield_sparsemax", ids, mask, output_attentions=True).attentions[0],
+        )
+
+
 # ----------------------------------------------------------------------------- sparse backends
 
 
