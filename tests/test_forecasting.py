@@ -49,13 +49,14 @@ def test_crossformer_type1_schedule():
         ForecastingModule(RepeatLast(4, 2), lr_schedule="cosine")
 
 
-def test_short_fit_on_etth1_beats_repeat_last_value(tmp_path):
+@pytest.mark.parametrize("revin", [False, True])
+def test_short_fit_on_etth1_beats_repeat_last_value(tmp_path, revin):
     """A small STanHop-Net trained for ~100 steps beats the naive forecast on the whole validation split."""
     L.seed_everything(0)
     dm = datamodule(tmp_path, input_len=48, horizon=24, batch_size=32, eval_batch_size=512)
     dm.setup("fit")
     net = STanHopNet(dm.num_series, 48, 24, seg_len=12, win_size=2, num_layers=1, d_model=16, num_heads=2,
-                     d_ff=32, num_router=4, dropout=0.0)
+                     d_ff=32, num_router=4, dropout=0.0, revin=revin)
     module = ForecastingModule(net, lr=3e-3, lr_schedule="none", plot_windows=0)
     trainer(tmp_path, limit_train_batches=100, limit_val_batches=0).fit(module, dm)
     learned = trainer(tmp_path).validate(module, dm, verbose=False)[0]["val_mse"]

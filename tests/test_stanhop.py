@@ -62,6 +62,54 @@ def test_router_and_positions_are_initialised():
     assert torch.isfinite(net.embedding.position).all() and torch.isfinite(net.decoder_position).all()
 
 
+def test_cross_series_stage_tells_patch_positions_apart():
+    """Crossformer keeps one router set per segment: identical tokens at two positions give different outputs."""
+    net = small_net(num_layers=2)  # 5 patches, then ceil(5/2) = 3 after coarse-graining; 4 output patches
+    block = net.encoder[0]
+    x = torch.randn(2, 5, 1, 16).expand(-1, -1, 5, -1).contiguous()  # every position holds the same token
+    out = block(x)
+    assert not torch.allclose(out[:, :, 0], out[:, :, 1], atol=1e-4)
+    assert [b.router.shape for b in net.encoder] == [(5, 3, 16), (3, 3, 16)]
+    assert all(layer.block.router.shape == (4, 3, 16) for layer in net.decoder)
+    with pytest.raises(ValueError, match="num_segments"):
+        block(x[:, :, :4])
+    shared = small_net(num_layers=2, router_per_segment=False).encoder[0]  # the earlier, shared-router variant
+    assert shared.router.shape == (3, 16)
+    out = shared(x)
+    torch.testing.assert_close(out[:, :, 0], out[:, :, 1])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_revin_makes_the_forecast_equivariant_to_level_and_scale(affine):
+    """RevIN (Kim et al. 2022): forecasting ``a x + b`` per series gives ``a f(x) + b``."""
+    net = small_net(num_layers=2, revin=True, revin_affine=affine)
+    with torch.no_grad():  # move the affine map away from the identity
+        for p in net.revin.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 50, 5)
+    a, b = torch.rand(1, 1, 5) * 3 + 0.5, torch.randn(1, 1, 5) * 10
+    torch.testing.assert_close(net(a * x + b), a * net(x) + b, atol=1e-4, rtol=1e-4)
+    plain = small_net(num_layers=2)
+    assert not torch.allclose(plain(a * x + b), a * plain(x) + b, atol=1e-2)
+    net.train()(x).pow(2).mean().backward()
+    assert not affine or all(p.grad is not None for p in net.revin.parameters())
+    with pytest.raises(ValueError, match="num_series=5"):
+        net.revin.normalize(torch.randn(2, 50, 4))
+
+
+def test_revin_round_trip_and_memory_fill():
+    from hopformer.models.revin import RevIN
+
+    norm = RevIN(4)
+    x = torch.randn(2, 30, 4) * 5 + 3
+    z, stats = norm.normalize(x)
+    torch.testing.assert_close(z.mean(1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.denormalize(z, stats), x, atol=1e-4, rtol=1e-4)
+    net = small_net(revin=True, memory="plug", memory_kwargs={"size": 20})
+    net.fill_memory(torch.randn(8, 50, 5) * 100 + 50)  # stored tokens come from normalised windows
+    assert torch.isfinite(net(torch.randn(2, 50, 5))).all()
+
+
 def test_factory_maps_names_to_layers():
     assert type(build_hopfield("generalized", 16, 2)) is GeneralizedSparseHopfield
     assert type(build_hopfield("dense", 16, 2)) is Hopfield

@@ -12,12 +12,14 @@ Input ``x`` ``(batch, input_len, C)`` -> forecast ``(batch, horizon, C)``:
 3. STanHop block (sec. 4.2, Fig. 2), tokens ``(B, C, S, d)``:
    - optional external memory (sec. 4.3, :mod:`hopformer.models.stanhop_memory`) on its input;
    - TimeGSH: self-association of the S patches of each series, residual + LN + MLP + LN;
-   - SeriesGSH: ``num_router`` learned, initialised router patterns R associate with the C series
-     tokens of each patch position (``B = GSH(R, Z)``), then the series tokens associate with that
-     buffer (``Z' = GSH(Z, B)``), residual + LN + MLP + LN (Crossformer's two-stage router).
+   - SeriesGSH: ``num_router`` learned, initialised router patterns R_s **per patch position s**
+     (Crossformer's two-stage attention keeps one router set per segment, ``(seg_num, factor, d)``)
+     associate with the C series tokens of that position (``B_s = GSH(R_s, Z_s)``), then the series
+     tokens associate with that buffer (``Z'_s = GSH(Z_s, B_s)``), residual + LN + MLP + LN.
 4. Decoder: learned position queries ``(C, n_out_patches, d)``; decoder layer i applies a STanHop
    block, cross-associates with encoder output i (embedding, then each scale), residual + LN + MLP +
    LN, and ``Linear(d -> seg_len)`` predicts the patches; the per-scale predictions are summed.
+5. Optional reversible instance normalisation (:class:`hopformer.models.revin.RevIN`) around all of it.
 
 Every association is a Hopfield layer built by :func:`build_hopfield`, by default the generalized
 sparse Hopfield layer (alpha-entmax, eq. 3.3) with one learnable alpha per layer
@@ -33,6 +35,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from .revin import RevIN
 from .stanhop_memory import PlugAndPlayMemory, TuneAndPlayMemory, build_memory
 
 __all__ = ["HOPFIELD_KINDS", "build_hopfield", "PatchEmbedding", "CoarseGrain", "STanHopBlock",
@@ -159,6 +162,9 @@ class STanHopBlock(nn.Module):
         dropout: dropout on residual branches and association weights.
         hopfield: Hopfield variant of the three associations (see :func:`build_hopfield`).
         hopfield_kwargs: extra arguments for those layers.
+        num_segments: patch positions S of the tokens this block sees: one router set per position,
+            ``(S, num_router, d)`` as Crossformer; ``None`` shares one ``(num_router, d)`` set across
+            positions (the earlier variant, which cannot tell positions apart in the cross-series stage).
     """
 
     def __init__(
@@ -170,11 +176,16 @@ class STanHopBlock(nn.Module):
         dropout: float = 0.0,
         hopfield: str = "generalized",
         hopfield_kwargs: dict | None = None,
+        num_segments: int | None = None,
     ) -> None:
         super().__init__()
+        if num_segments is not None and (not isinstance(num_segments, int) or num_segments < 1):
+            raise ValueError(f"num_segments={num_segments!r}: expected a positive integer or None")
         kw = dict(hopfield_kwargs or {})
+        self.num_segments = num_segments
         self.time_hopfield = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
-        self.router = nn.Parameter(torch.empty(num_router, d_model))
+        shape = (num_router, d_model) if num_segments is None else (num_segments, num_router, d_model)
+        self.router = nn.Parameter(torch.empty(shape))
         nn.init.trunc_normal_(self.router, std=0.02)  # initialised (the public code left torch.empty)
         self.series_sender = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
         self.series_receiver = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
@@ -186,6 +197,8 @@ class STanHopBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, S, d)`` -> ``(B, C, S, d)``."""
         batch, num_series = x.shape[0], x.shape[1]
+        if self.num_segments is not None and x.shape[2] != self.num_segments:
+            raise ValueError(f"x: expected {self.num_segments} patch positions (num_segments), got shape {tuple(x.shape)}")
         if self.memory is not None:
             tokens = self.memory(rearrange(x, "b c s d -> b (c s) d"))
             x = rearrange(tokens, "b (c s) d -> b c s d", c=num_series)
@@ -195,7 +208,10 @@ class STanHopBlock(nn.Module):
         z = self.norms[1](z + self.dropout(self.time_mlp(z)))
         # SeriesGSH: router patterns gather from the series, series read back from the router buffer
         z = rearrange(z, "(b c) s d -> (b s) c d", b=batch)
-        router = repeat(self.router, "r d -> n r d", n=z.shape[0])
+        if self.num_segments is None:
+            router = repeat(self.router, "r d -> n r d", n=z.shape[0])
+        else:  # (b s) ordering: batch-major, position-minor
+            router = repeat(self.router, "s r d -> (b s) r d", b=batch)
         buffer = self.series_sender(router, z)
         z = self.norms[2](z + self.dropout(self.series_receiver(z, buffer)))
         z = self.norms[3](z + self.dropout(self.series_mlp(z)))
@@ -207,13 +223,16 @@ class STanHopDecoderLayer(nn.Module):
 
     Args:
         seg_len: patch length predicted per output token.
-        d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs: as :class:`STanHopBlock`.
+        d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs, num_segments: as
+            :class:`STanHopBlock` (``num_segments``: the output patches).
     """
 
     def __init__(self, seg_len: int, d_model: int, num_heads: int, d_ff: int, num_router: int = 10,
-                 dropout: float = 0.0, hopfield: str = "generalized", hopfield_kwargs: dict | None = None) -> None:
+                 dropout: float = 0.0, hopfield: str = "generalized", hopfield_kwargs: dict | None = None,
+                 num_segments: int | None = None) -> None:
         super().__init__()
-        self.block = STanHopBlock(d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs)
+        self.block = STanHopBlock(d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs,
+                                  num_segments)
         self.cross_hopfield = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **(hopfield_kwargs or {}))
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.mlp = _mlp(d_model, d_model, dropout)
@@ -252,6 +271,11 @@ class STanHopNet(nn.Module):
         memory: external memory attached to every encoder block: None, "plug" (Plug-and-Play) or
             "tune" (Tune-and-Play); see :meth:`attach_memory`.
         memory_kwargs: arguments of the memory modules (e.g. ``{"size": 256}``).
+        router_per_segment: one router set per patch position in every cross-series stage (Crossformer;
+            default). False shares one set across positions (the earlier variant, kept for ablation).
+        revin: reversible instance normalisation of each input window (RevIN, Kim et al. 2022): the
+            window's per-series mean and std are removed before the network and restored on the forecast.
+        revin_affine: learn RevIN's per-series affine map (eq. 1 of that paper).
     """
 
     def __init__(
@@ -271,6 +295,9 @@ class STanHopNet(nn.Module):
         hopfield_kwargs: dict | None = None,
         memory: str | None = None,
         memory_kwargs: dict | None = None,
+        router_per_segment: bool = True,
+        revin: bool = False,
+        revin_affine: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("num_series", num_series), ("input_len", input_len), ("horizon", horizon),
@@ -286,15 +313,24 @@ class STanHopNet(nn.Module):
         self.d_model, self.num_heads = d_model, num_heads
         blocks = dict(d_model=d_model, num_heads=num_heads, d_ff=d_ff, num_router=num_router, dropout=dropout,
                       hopfield=hopfield, hopfield_kwargs=hopfield_kwargs)
+        self.revin = RevIN(num_series, affine=revin_affine) if revin else None
         self.embedding = PatchEmbedding(num_series, input_len, seg_len, d_model)
         self.coarse = nn.ModuleList(
             nn.Identity() if i == 0 or win_size == 1 else CoarseGrain(d_model, win_size) for i in range(num_layers)
         )
-        self.encoder = nn.ModuleList(STanHopBlock(**blocks) for _ in range(num_layers))
+        positions = [self.embedding.num_patches]  # patch positions at each encoder scale
+        for i in range(1, num_layers):
+            positions.append(positions[-1] if win_size == 1 else math.ceil(positions[-1] / win_size))
+        self.encoder = nn.ModuleList(
+            STanHopBlock(**blocks, num_segments=s if router_per_segment else None) for s in positions
+        )
         self.out_patches = math.ceil(horizon / seg_len)
         self.decoder_position = nn.Parameter(torch.empty(num_series, self.out_patches, d_model))
         nn.init.trunc_normal_(self.decoder_position, std=0.02)
-        self.decoder = nn.ModuleList(STanHopDecoderLayer(seg_len, **blocks) for _ in range(num_layers + 1))
+        out = self.out_patches if router_per_segment else None
+        self.decoder = nn.ModuleList(
+            STanHopDecoderLayer(seg_len, **blocks, num_segments=out) for _ in range(num_layers + 1)
+        )
         self.memory_kind: str | None = None
         if memory is not None:
             self.attach_memory(memory, **(memory_kwargs or {}))
@@ -325,6 +361,8 @@ class STanHopNet(nn.Module):
         Tune-and-Play memories use them to initialise their learned patterns.
         """
         self._check(windows)
+        if self.revin is not None:
+            windows, _ = self.revin.normalize(windows)
         was_training = self.training
         self.eval()
         for i, block in enumerate(self.encoder):
@@ -354,11 +392,16 @@ class STanHopNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(B, input_len, C)`` -> forecast ``(B, horizon, C)``."""
         self._check(x)
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalize(x)
         scales = self.encode(x)
         queries = repeat(self.decoder_position, "c s d -> b c s d", b=x.shape[0])
         prediction = 0.0
         for layer, cross in zip(self.decoder, scales):
             queries, patches = layer(queries, cross)
             prediction = prediction + patches
-        forecast = rearrange(prediction, "b c s p -> b (s p) c")
-        return forecast[:, : self.horizon].contiguous()
+        forecast = rearrange(prediction, "b c s p -> b (s p) c")[:, : self.horizon]
+        if stats is not None:
+            forecast = self.revin.denormalize(forecast, stats)
+        return forecast.contiguous()
