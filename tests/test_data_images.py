@@ -178,3 +178,10 @@ def test_shared_cifar10_folder_split():
     assert dm.num_classes == 10 and len(dm.val_set) == 5000 and len(dm.train_set) == 1000
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 32, 32)
+
+
+def test_validation_prefix_is_shuffled_across_classes():
+    """ImageFolder data is class-sorted: any prefix of the validation split must still hold every class."""
+    _, val = split_indices(1000, 200, seed=0)
+    labels = {i // 100 for i in val[:40]}  # 10 class folders of 100 items each, in folder order
+    assert len(labels) >= 8 and val != sorted(val)
