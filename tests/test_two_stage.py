@@ -352,3 +352,18 @@ def test_diagnostics_are_logged_per_layer():
     for i in range(2):
         assert metrics[f"uhop/cond/model.blocks.{i}.attn"] >= 1.0
         assert 0.0 < metrics[f"uhop/entropy/model.blocks.{i}.attn"] <= torch.log(torch.tensor(17.0)) + 1e-5
+
+
+@pytest.mark.parametrize("learnable_alpha", [False, True])
+def test_stanhop_feature_maps_leave_the_task_loss(learnable_alpha):
+    """The exclusion is generic: every U-Hop layer of STanHop-Net (plain and GSH kernel) is found and frozen for stage II."""
+    from hopformer.models import STanHopNet
+
+    torch.manual_seed(0)
+    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, hopfield="kernelized",
+                     hopfield_kwargs={"learnable_alpha": learnable_alpha})
+    excluded = UHopSeparation().exclude_feature_maps(net)
+    assert len(excluded) == len(find_uhop_modules(net)) == 11
+    net(torch.randn(2, 24, 3)).square().mean().backward()
+    assert all(p.grad is None for p in excluded)
+    assert all(p.grad is not None for n, p in net.named_parameters() if p.requires_grad and "router" not in n)
