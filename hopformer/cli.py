@@ -179,3 +179,7 @@ def main(args: list[str] | None = None) -> HopformerCLI:
             torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
     return cli
 
+
+
+if __name__ == "__main__":  # python -m hopformer.cli (used by hopformer.compare)
+    main()
