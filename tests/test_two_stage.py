@@ -367,3 +367,12 @@ def test_stanhop_feature_maps_leave_the_task_loss(learnable_alpha):
     net(torch.randn(2, 24, 3)).square().mean().backward()
     assert all(p.grad is None for p in excluded)
     assert all(p.grad is not None for n, p in net.named_parameters() if p.requires_grad and "router" not in n)
+
+
+def test_steps_zero_keeps_w_fixed():
+    """steps=0: no stage I, and W (owned by stage I) stays at its initialisation: a fixed feature map."""
+    torch.manual_seed(0)
+    module = ToyModule()
+    before = module.layer.W.detach().clone()
+    _trainer([UHopSeparation(steps=0)], max_steps=2).fit(module, DataLoader(_data(), batch_size=8))
+    assert torch.equal(before, module.layer.W)

@@ -81,7 +81,9 @@ class UHopSeparation(L.Callback):
     """Stage I of U-Hop's two-stage optimisation (Algorithm 2) for any LightningModule.
 
     Args:
-        steps: ``N_i``, separation-loss optimizer steps per stage-I call (paper: 1 per minibatch).
+        steps: ``N_i``, separation-loss optimizer steps per stage-I call (paper: 1 per minibatch);
+            ``0`` runs no stage I, so ``W`` stays at its initialisation (a fixed full-rank feature map)
+            unless ``task_trains_feature_maps``.
         lr: stage-I learning rate (paper: SGD with lr 0.1).
         optimizer: stage-I optimizer, ``"sgd"`` (paper), ``"adam"`` or ``"adamw"``.
         momentum: SGD momentum (0 = plain SGD as in the paper).
@@ -234,7 +236,7 @@ class UHopSeparation(L.Callback):
         Called by ``setup`` (before DDP wraps the model, so DDP's reducer never waits for them) and
         again by ``on_fit_start``. Stage I switches them on only while it computes its own gradient.
         """
-        if self.task_trains_feature_maps or self.steps == 0:
+        if self.task_trains_feature_maps:
             return []
         for p in self.feature_parameters(pl_module):
             if p.requires_grad:
@@ -248,8 +250,7 @@ class UHopSeparation(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._build(pl_module)
-        if self.active:
-            self.exclude_feature_maps(pl_module)
+        self.exclude_feature_maps(pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
