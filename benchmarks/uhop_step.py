@@ -27,12 +27,12 @@ from hopformer.training import ClassificationModule, UHopSeparation
 from hopformer.training.classification import expected_input
 
 
-def build(model: str, heads: int | None) -> tuple[ClassificationModule, UHopSeparation, torch.optim.Optimizer]:
+def build(model: str, heads: int | None, memory_sets: int | None) -> tuple[ClassificationModule, UHopSeparation, torch.optim.Optimizer]:
     kwargs = {"attention": "kernelized"}
     if heads is not None:
         kwargs["num_heads"] = heads
     module = ClassificationModule(model, backbone_kwargs=kwargs)
-    callback = UHopSeparation(steps=1, lr=0.1)
+    callback = UHopSeparation(steps=1, lr=0.1, memory_sets=memory_sets)
     callback._build(module)
     callback.exclude_feature_maps(module)
     task = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
@@ -52,10 +52,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=None, help="num_heads of the backbone (default: the model's)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--memory-sets", type=int, default=None, help="UHopSeparation(memory_sets=...): samples per stage-I loss")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
-    module, callback, task = build(args.model, args.heads)
+    module, callback, task = build(args.model, args.heads, args.memory_sets)
     module.train()
     channels, size = expected_input(module.model)
     images = torch.randn(args.batch, channels or 3, *size)
@@ -83,6 +84,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     ref = statistics.median(times["plain (stage II only)"])
     print(f"{args.model} (kernelized{'' if args.heads is None else f', {args.heads} heads'}), batch {args.batch}, "
+          f"stage-I memory sets {args.memory_sets or args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps")
     print(f"| step | ms/step | ratio to plain | stage-I share of the step |\n| --- | --- | --- | --- |")
     for name, values in times.items():

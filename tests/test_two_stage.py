@@ -376,3 +376,16 @@ def test_steps_zero_keeps_w_fixed():
     before = module.layer.W.detach().clone()
     _trainer([UHopSeparation(steps=0)], max_steps=2).fit(module, DataLoader(_data(), batch_size=8))
     assert torch.equal(before, module.layer.W)
+
+
+def test_memory_sets_uses_a_prefix_of_the_batch():
+    torch.manual_seed(0)
+    module = ToyModule()
+    x = _data()[:8][0]
+    cb = UHopSeparation(memory_sets=3, steps=1)
+    cb._build(module)
+    expected = separation_loss(module.embed(x[:3]).detach() @ module.layer.W.T, 2.0, "average").mean()
+    losses = cb.separation_step(module, (x, None))
+    assert losses["layer"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="memory_sets"):
+        UHopSeparation(memory_sets=0)
