@@ -389,3 +389,14 @@ def test_memory_sets_uses_a_prefix_of_the_batch():
     assert losses["layer"] == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="memory_sets"):
         UHopSeparation(memory_sets=0)
+
+
+def test_diagnostics_without_stage_one():
+    """steps=0 with task_trains_feature_maps (a kernelized model trained by the task loss alone) still logs cond/entropy."""
+    torch.manual_seed(0)
+    module = ClassificationModule("hopfield_vit_nano_patch2_8", backbone_kwargs={"attention": "kernelized"})
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    trainer = _trainer([UHopSeparation(steps=0, task_trains_feature_maps=True)], max_steps=2, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert "uhop/cond/model.blocks.0.attn" in trainer.callback_metrics
+    assert "uhop/sep_loss" not in trainer.callback_metrics

@@ -451,9 +451,11 @@ class UHopSeparation(L.Callback):
             self._pass_over_data(trainer, pl_module, 1)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.active:
+        if not self._modules:
             return
-        if self.schedule == "every_step" and self.memories == "fresh":
+        if not self.active:
+            pass
+        elif self.schedule == "every_step" and self.memories == "fresh":
             self._log(pl_module, self.separation_step(pl_module, batch), on_step=True)
         elif self.schedule == "every_step":  # training_forward: cache during stage II's forward
             self._set_flags(cache=True, grad=False)
@@ -465,9 +467,9 @@ class UHopSeparation(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.active:
+        if not self._modules:
             return
-        if self.schedule == "every_step" and self.memories == "training_forward":
+        if self.active and self.schedule == "every_step" and self.memories == "training_forward":
             self._log(pl_module, self.separation_step_cached(), on_step=True)
         if self._diagnose_batch:
             self._set_flags(entropy=False)
