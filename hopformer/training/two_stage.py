@@ -7,10 +7,11 @@ Stage II: the LightningModule's own, ordinary optimisation step of the task loss
 
 ``W`` belongs to stage I: while the callback is active the feature maps are taken out of the task
 loss (``requires_grad`` is switched off for stage II, so no task optimizer, whatever
-``configure_optimizers`` returns, can move them; it is switched on only inside stage I). Measured on
-ViH / CIFAR-10 (docs/uhop_training.md), letting the task optimizer train ``W`` as well
-(``task_trains_feature_maps=True``, the paper's Algorithm 2 as published) collapses the attention
-onto one memory and costs 10-15 points of accuracy.
+``configure_optimizers`` returns, can move them; it is switched on only inside stage I). In the
+diagnosis of issue 12 (ViH, dim 512, 500 steps) letting the task optimizer train ``W`` as well
+(``task_trains_feature_maps=True``, the paper's Algorithm 2 as published) collapsed the attention onto
+one memory and cost 10-13 points; a shorter re-measurement (dim 256, 200 steps) did not reproduce that
+gap (docs/uhop_training.md).
 
 Memories (``memories=``): ``"fresh"`` (default) reads them from a forward pass of the current batch
 in eval mode before stage II, a new one for each of the ``steps`` inner steps (Algorithm 2, line 4
@@ -101,7 +102,7 @@ class UHopSeparation(L.Callback):
             ``"training_forward"``: cached, detached, from stage II's own training forward; the
             stage-I steps run after the task step (no extra forward; all inner steps share them).
         task_trains_feature_maps: also let the task optimizer (stage II) move ``W``, the paper's
-            Algorithm 2 as published. Off by default: measured harmful (docs/uhop_training.md).
+            Algorithm 2 as published. Off by default (docs/uhop_training.md has the measurements).
         train_embedding: also update parameters whose name contains ``patch_embed``, ``cls_token``
             or ``pos_embed`` in stage I, as the authors' code did (off by default: the paper's
             stage I moves only the feature maps). The memories are then computed with gradient.
