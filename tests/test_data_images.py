@@ -208,3 +208,10 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     with pytest.raises(OSError, match="cannot read image '.*img1.png'"):
         for _ in dm.train_dataloader():
             pass
+
+
+def test_validation_prefix_is_shuffled_across_classes():
+    """ImageFolder data is class-sorted: any prefix of the validation split must still hold every class."""
+    _, val = split_indices(1000, 200, seed=0)
+    labels = {i // 100 for i in val[:40]}  # 10 class folders of 100 items each, in folder order
+    assert len(labels) >= 8 and val != sorted(val)

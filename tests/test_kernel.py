@@ -213,3 +213,62 @@ def test_layer_bad_options():
         KernelizedHopfield(8, kernel_dim=4)
     with pytest.raises(ValueError, match="memories must have shape"):
         KernelizedHopfield(8).separation_loss(torch.randn(5))
+
+
+# -- issue 12: default beta, rank guard, entropy, one memory per sample ---------------------
+def test_project_false_default_beta_uses_each_heads_kernel_space():
+    layer = KernelizedHopfield(8, 2, kernel_dim=16, project=False)
+    assert layer.beta() == pytest.approx((16 / 2) ** -0.5)  # not (dim / heads) ** -0.5
+    assert KernelizedHopfield(8, 2, kernel_dim=16, project=False, beta=0.3).beta() == 0.3
+    assert KernelizedHopfield(8, 2, kernel_dim=16).beta() == pytest.approx(4 ** -0.5)  # projected: head_dim
+
+
+def test_clamp_condition_restores_full_rank_and_keeps_singular_vectors():
+    torch.manual_seed(0)
+    fmap = FeatureMap(6, 8)
+    with torch.no_grad():
+        fmap.weight[:, 0] = 0.0  # rank 5 of 6
+    assert fmap.condition_number() > 1e6
+    u0, _, v0 = torch.linalg.svd(fmap.weight.detach())
+    assert fmap.clamp_condition_(10.0)
+    assert fmap.condition_number() == pytest.approx(10.0, rel=1e-4)
+    u1, _, v1 = torch.linalg.svd(fmap.weight.detach())
+    torch.testing.assert_close(u0[:, :5].abs(), u1[:, :5].abs(), atol=1e-4, rtol=0)
+    assert not fmap.clamp_condition_(10.0)  # already within the bound: untouched
+    with pytest.raises(ValueError, match="max_condition"):
+        fmap.clamp_condition_(0.5)
+
+
+@pytest.mark.parametrize("kind", ["hopfield", "attention"])
+def test_track_entropy_records_association_entropy(kind):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    layer = KernelizedHopfield(8, 2) if kind == "hopfield" else KernelizedHopfieldAttention(8, 2)
+    out = layer(x)
+    assert layer.last_entropy is None
+    layer.track_entropy = True
+    torch.testing.assert_close(layer(x), out)  # same output, entropy recorded on the side
+    assert 0.0 < float(layer.last_entropy) <= torch.log(torch.tensor(5.0)).item() + 1e-6
+    with torch.no_grad():
+        layer.feature_map.weight.mul_(1e3)  # sharp association -> entropy near 0
+    layer(x)
+    assert float(layer.last_entropy) < 0.1
+
+
+def test_one_memory_per_sample_uses_the_batch_as_memory_set():
+    torch.manual_seed(0)
+    layer = KernelizedHopfield(8)
+    memories = torch.randn(6, 1, 8)
+    torch.testing.assert_close(layer.separation_loss(memories), layer.separation_loss(memories.transpose(0, 1)))
+
+
+def test_cache_with_grad_keeps_the_graph():
+    layer = KernelizedHopfield(8)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    layer.cache_memories = True
+    layer(x)
+    assert not layer.cached_memories.requires_grad
+    layer.cache_with_grad = True
+    layer(x)
+    layer.separation_loss().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -112,7 +112,7 @@ def test_train_embedding_option_adds_the_embedding():
 
 
 def test_stage_two_changes_the_rest():
-    """A full two-stage step: every parameter moves; the feature map moves by stage I and stage II."""
+    """A full two-stage step: every parameter moves (the feature map by stage I only, by default)."""
     torch.manual_seed(0)
     module = ToyModule()
     ref = copy.deepcopy(module)
@@ -238,3 +238,217 @@ def test_every_stage_one_optimizer_lowers_the_loss_and_moves_only_the_feature_ma
     assert _changed(before, module) == {"layer.W"}
     if name != "sgd":
         assert cb.optimizer.state_dict()["state"][0]["step"] == 21  # Adam moments kept across steps
+
+
+# -- issue 12: W belongs to stage I; train_embedding; fresh memories; guard; diagnostics ----------
+class GradSpy(L.Callback):
+    """Records, after every task backward, whether the feature map got a task gradient."""
+
+    def __init__(self) -> None:
+        self.task_grad: list[bool] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.task_grad.append(pl_module.layer.W.grad is not None)
+
+
+@pytest.mark.parametrize("task_trains", [False, True])
+def test_feature_maps_excluded_from_the_task_optimizer_by_default(task_trains):
+    """ToyModule's configure_optimizers hands *all* parameters to AdamW: W must still get no task step."""
+    torch.manual_seed(0)
+    module, spy = ToyModule(), GradSpy()
+    cb = UHopSeparation(steps=1, lr=0.1, task_trains_feature_maps=task_trains)
+    _trainer([cb, spy], max_steps=3).fit(module, DataLoader(_data(), batch_size=8))
+    assert spy.task_grad == [task_trains] * 3
+    assert module.layer.W.requires_grad  # restored after fit
+
+
+def test_excluded_feature_map_follows_stage_one_only():
+    """With the default, W after training equals W after the stage-I steps alone on the same memories."""
+    torch.manual_seed(0)
+    module = ToyModule()
+    ref_w = module.layer.W.detach().clone()
+    embeds = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            embeds.append((copy.deepcopy(pl_module.embed), batch[0].clone()))
+
+    loader = DataLoader(_data(), batch_size=8)
+    _trainer([Spy(), UHopSeparation(steps=1, lr=0.1, max_condition=None)], max_steps=3).fit(module, loader)
+    w = ref_w.clone().requires_grad_(True)
+    for embed, x in embeds:  # stage I by hand: SGD on the separation loss of the (then current) memories
+        with torch.no_grad():
+            memories = embed(x)
+        loss = separation_loss(memories @ w.T, 2.0, "average").mean()
+        (g,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= 0.1 * g
+    torch.testing.assert_close(module.layer.W.detach(), w.detach())
+
+
+def test_feature_maps_excluded_with_classification_module_and_resume(tmp_path):
+    """ClassificationModule (its optimizer skips frozen parameters) through a checkpoint resume."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    loader = DataLoader(data, batch_size=8)
+
+    def fit(max_steps, ckpt=None):
+        module = ClassificationModule("hopfield_vit_nano_patch2_8", backbone_kwargs={"attention": "kernelized"},
+                                      scheduler="none")
+        spy = []
+
+        class Spy(L.Callback):
+            def on_after_backward(self, trainer, pl_module):
+                spy.append(pl_module.model.blocks[0].attn.feature_map.weight.grad)
+
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=max_steps, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+                            callbacks=[UHopSeparation(), Spy()])
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        return trainer, spy
+
+    trainer, spy = fit(2)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    _, spy = fit(4, ckpt=str(ckpt))
+    assert len(spy) == 2 and all(g is None for g in spy)
+
+
+def test_train_embedding_moves_the_embedding():
+    """Stage I with train_embedding=True changes the patch embedding (memories computed with grad)."""
+    torch.manual_seed(0)
+    module = ClassificationModule("vih_patch4_32", backbone_kwargs={"attention": "kernelized", "embed_dim": 32,
+                                                                    "img_size": 16})
+    cb = UHopSeparation(steps=1, lr=0.5, train_embedding=True)
+    cb._build(module)
+    before = _snapshot(module)
+    cb.separation_step(module, (torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)))
+    changed = _changed(before, module)
+    assert {"model.patch_embed.weight", "model.patch_embed.bias", "model.pos_embed",
+            "model.blocks.0.hopfield.feature_map.weight"} <= changed
+    assert "model.cls_token" not in changed  # the CLS token is the query, not a memory: no separation gradient
+    assert not changed & {"model.head.weight", "model.blocks.0.hopfield.k_proj.weight"}
+
+
+def test_extra_parameters_without_gradient_fail_clearly():
+    module = ToyModule()
+    cb = UHopSeparation(extra_parameters=("head",))
+    cb._build(module)
+    with pytest.raises(RuntimeError, match="does not depend on"):
+        cb.separation_step(module, _data()[:8])
+
+
+class CountingToy(ToyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return super().forward(x)
+
+
+def test_each_inner_step_sees_fresh_memories():
+    """Algorithm 2: with steps > 1, a new memory forward after every update of W (memories of the current W)."""
+    torch.manual_seed(0)
+    module = CountingToy()
+    seen = []
+    original = module.layer.separation_loss
+
+    def spy(memories=None):
+        seen.append((module.layer.cached_memories.clone(), module.layer.W.detach().clone()))
+        return original(memories)
+
+    module.layer.separation_loss = spy
+    cb = UHopSeparation(steps=3, lr=0.1)
+    cb._build(module)
+    cb.separation_step(module, _data()[:8])
+    assert module.forwards == 3 and len(seen) == 3
+    assert not torch.equal(seen[0][1], seen[1][1])  # W moved between the steps
+
+
+def test_training_forward_memories_need_no_extra_forward():
+    """memories='training_forward': one model forward per batch; stage I runs after the task step."""
+    torch.manual_seed(0)
+    module = CountingToy()
+    cb = UHopSeparation(memories="training_forward")
+    trainer = _trainer([cb], max_steps=3, log_every_n_steps=1)
+    before = module.layer.W.detach().clone()
+    trainer.fit(module, DataLoader(_data(), batch_size=8))
+    assert module.forwards == 3 and cb.stage_one_steps == 3
+    assert not torch.equal(before, module.layer.W) and "uhop/sep_loss" in trainer.callback_metrics
+    assert module.layer.cached_memories is None and not module.layer.cache_memories
+    with pytest.raises(ValueError, match="training_forward"):
+        UHopSeparation(memories="training_forward", train_embedding=True)
+
+
+def test_rank_guard_keeps_w_full_rank():
+    torch.manual_seed(0)
+    module = ClassificationModule("hopfield_vit_nano_patch2_8", backbone_kwargs={"attention": "kernelized"})
+    fmap = module.model.blocks[0].attn.feature_map
+    with torch.no_grad():
+        fmap.weight[:, :3] = 0.0
+    cb = UHopSeparation(steps=1, max_condition=5.0, guard_every=1)
+    cb._build(module)
+    cb.separation_step(module, (torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
+    assert fmap.condition_number() <= 5.0 + 1e-3 and cb.guard_events >= 1
+
+
+def test_diagnostics_are_logged_per_layer():
+    torch.manual_seed(0)
+    module = ClassificationModule("hopfield_vit_nano_patch2_8", backbone_kwargs={"attention": "kernelized"})
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    trainer = _trainer([UHopSeparation()], max_steps=2, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    metrics = trainer.callback_metrics
+    for i in range(2):
+        assert metrics[f"uhop/cond/model.blocks.{i}.attn"] >= 1.0
+        assert 0.0 < metrics[f"uhop/entropy/model.blocks.{i}.attn"] <= torch.log(torch.tensor(17.0)) + 1e-5
+
+
+@pytest.mark.parametrize("learnable_alpha", [False, True])
+def test_stanhop_feature_maps_leave_the_task_loss(learnable_alpha):
+    """The exclusion is generic: every U-Hop layer of STanHop-Net (plain and GSH kernel) is found and frozen for stage II."""
+    from hopformer.models import STanHopNet
+
+    torch.manual_seed(0)
+    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, hopfield="kernelized",
+                     hopfield_kwargs={"learnable_alpha": learnable_alpha})
+    excluded = UHopSeparation().exclude_feature_maps(net)
+    assert len(excluded) == len(find_uhop_modules(net)) == 11
+    net(torch.randn(2, 24, 3)).square().mean().backward()
+    assert all(p.grad is None for p in excluded)
+    assert all(p.grad is not None for n, p in net.named_parameters() if p.requires_grad and "router" not in n)
+
+
+def test_steps_zero_keeps_w_fixed():
+    """steps=0: no stage I, and W (owned by stage I) stays at its initialisation: a fixed feature map."""
+    torch.manual_seed(0)
+    module = ToyModule()
+    before = module.layer.W.detach().clone()
+    _trainer([UHopSeparation(steps=0)], max_steps=2).fit(module, DataLoader(_data(), batch_size=8))
+    assert torch.equal(before, module.layer.W)
+
+
+def test_memory_sets_uses_a_prefix_of_the_batch():
+    torch.manual_seed(0)
+    module = ToyModule()
+    x = _data()[:8][0]
+    cb = UHopSeparation(memory_sets=3, steps=1)
+    cb._build(module)
+    expected = separation_loss(module.embed(x[:3]).detach() @ module.layer.W.T, 2.0, "average").mean()
+    losses = cb.separation_step(module, (x, None))
+    assert losses["layer"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="memory_sets"):
+        UHopSeparation(memory_sets=0)
+
+
+def test_diagnostics_without_stage_one():
+    """steps=0 with task_trains_feature_maps (a kernelized model trained by the task loss alone) still logs cond/entropy."""
+    torch.manual_seed(0)
+    module = ClassificationModule("hopfield_vit_nano_patch2_8", backbone_kwargs={"attention": "kernelized"})
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    trainer = _trainer([UHopSeparation(steps=0, task_trains_feature_maps=True)], max_steps=2, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert "uhop/cond/model.blocks.0.attn" in trainer.callback_metrics
+    assert "uhop/sep_loss" not in trainer.callback_metrics

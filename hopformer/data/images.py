@@ -72,13 +72,18 @@ def _check_val_size(val_size: int | float) -> None:
 
 
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, val) index split of ``range(n)``; ``val_size`` a count or a fraction < 1."""
+    """Seeded (train, val) index split of ``range(n)``; ``val_size`` a count or a fraction < 1.
+
+    The training indices are sorted (the sampler shuffles them per epoch); the validation indices keep
+    the seeded permutation's order, so any prefix of the validation split (``limit_val_batches``) is a
+    random sample of all classes, not the first class folders.
+    """
     _check_val_size(val_size)
     n_val = int(round(val_size * n)) if isinstance(val_size, float) else val_size
     if not 0 <= n_val < n:
         raise ValueError(f"val_size={val_size!r} must leave training data: got {n_val} of {n} images")
     perm = np.random.default_rng(seed).permutation(n).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+    return sorted(perm[n_val:]), perm[:n_val]
 
 
 class _ResizeTo:

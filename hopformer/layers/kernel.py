@@ -22,12 +22,13 @@ from torch import Tensor, nn
 
 from ..functional.separation_loss import SEPARATION_LOSSES, separation_loss
 from .adapters import HopfieldAttention, MultiheadHopfield
-from .hopfield import Hopfield, _positive_int
+from .hopfield import Hopfield, InverseTemperature, _positive_int
 
 __all__ = [
     "FEATURE_MAP_INITS",
     "FeatureMap",
     "SeparationLossMixin",
+    "association_entropy",
     "uhop_modules",
     "KernelizedHopfield",
     "KernelizedHopfieldAttention",
@@ -88,6 +89,29 @@ class FeatureMap(nn.Module):
         self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(eps))
         return self
 
+    @torch.no_grad()
+    def condition_number(self) -> float:
+        """``sigma_max(W) / sigma_min(W)``; ``inf`` when ``W`` lost rank (breaks Assumption 2.1)."""
+        s = torch.linalg.svdvals(self.weight.detach().float())
+        return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+
+    @torch.no_grad()
+    def clamp_condition_(self, max_condition: float) -> bool:
+        """Keep ``W`` full rank (Assumption 2.1): raise every singular value to at least ``sigma_max / max_condition``.
+
+        ``W = U diag(s) V^T`` becomes ``U diag(max(s, s_max / max_condition)) V^T``; the singular vectors
+        (the directions the separation loss chose) are kept. Returns whether ``W`` was changed.
+        """
+        if not max_condition >= 1:
+            raise ValueError(f"max_condition must be >= 1, got {max_condition!r}")
+        u, s, vh = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
+        floor = s[0] / max_condition
+        if bool(s[-1] >= floor):
+            return False
+        w = (u * s.clamp_min(floor)) @ vh
+        self.weight.copy_(w.to(self.weight.dtype))
+        return True
+
     def forward(self, u: Tensor) -> Tensor:
         """``Phi(u) = W u`` for patterns ``u`` of shape ``(..., dim)`` -> ``(..., kernel_dim)``."""
         if u.shape[-1] != self.dim:
@@ -105,30 +129,47 @@ def _check_loss_options(t: float, loss: str) -> None:
         raise ValueError(f"loss must be one of {SEPARATION_LOSSES}, got {loss!r}")
 
 
+def association_entropy(weights: Tensor) -> Tensor:
+    """Mean Shannon entropy (nats) of association rows ``(..., n, m)``: 0 = one memory retrieved, ``log m`` = uniform."""
+    return -torch.special.xlogy(weights, weights).sum(-1).mean()
+
+
 class SeparationLossMixin:
     """The U-Hop protocol (docs/ARCHITECTURE.md) for an ``nn.Module`` that owns ``self.feature_map``.
 
     Attributes:
-        cache_memories: when ``True``, ``forward`` stores the stored patterns that entered it (detached)
-            in ``cached_memories`` ``(B, M, dim)``; stage I reads them from a no-grad forward pass.
+        cache_memories: when ``True``, ``forward`` stores the stored patterns that entered it in
+            ``cached_memories`` ``(B, M, dim)``; stage I reads them from a forward pass.
+        cache_with_grad: keep the cached memories attached to the graph (stage I then also moves the
+            parameters that produced them, e.g. the patch embedding); default: detached.
         cached_memories: the last cached memories, or ``None``.
+        track_entropy: when ``True``, ``forward`` also stores the mean entropy of its association
+            weights in ``last_entropy`` (a collapse onto one memory shows as entropy near 0).
+        last_entropy: the last recorded entropy (a 0-dim tensor, nats), or ``None``.
         separation_t: the loss's ``t`` (eq. 2.5).
         separation_kind: ``"average"`` (Def. 2.2), ``"orthogonal"`` (Def. 3.1) or ``"max"`` (G.2).
     """
 
     cache_memories: bool = False
+    cache_with_grad: bool = False
     cached_memories: Tensor | None = None
+    track_entropy: bool = False
+    last_entropy: Tensor | None = None
     separation_t: float = 2.0
     separation_kind: str = "average"
 
     def _init_separation(self, t: float, loss: str) -> None:
         _check_loss_options(t, loss)
         self.separation_t, self.separation_kind = float(t), loss
-        self.cache_memories, self.cached_memories = False, None
+        self.cache_memories, self.cache_with_grad, self.cached_memories = False, False, None
+        self.track_entropy, self.last_entropy = False, None
 
     def _cache(self, memories: Tensor) -> None:
         if self.cache_memories:
-            self.cached_memories = memories.detach()
+            self.cached_memories = memories if self.cache_with_grad else memories.detach()
+
+    def _record_entropy(self, weights: Tensor) -> None:
+        self.last_entropy = association_entropy(weights.detach().float())
 
     def feature_parameters(self) -> list[nn.Parameter]:
         """The parameters stage I updates: the feature map(s) ``W``."""
@@ -147,6 +188,9 @@ class SeparationLossMixin:
 
         Returns:
             A scalar: the mean over the ``B`` memory sets of ``separation_loss(Phi(memories), t, kind)``.
+
+        With one memory per sample (``(B, 1, dim)``, e.g. the authors' ViH with patch 32 on 32x32 images)
+        there is no pair to separate within a sample, so the ``B`` memories of the batch form one set.
         """
         if memories is None:
             memories = self.cached_memories
@@ -157,6 +201,8 @@ class SeparationLossMixin:
                 )
         if memories.dim() not in (2, 3):
             raise ValueError(f"memories must have shape (B, M, dim) or (M, dim), got {tuple(memories.shape)}")
+        if memories.dim() == 3 and memories.shape[1] == 1:
+            memories = rearrange(memories, "b 1 d -> 1 b d")
         features = self.feature_map(memories)  # type: ignore[attr-defined]
         return separation_loss(features, self.separation_t, self.separation_kind).mean()
 
@@ -182,7 +228,8 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
     ``Phi`` per input space; otherwise ``query_feature_map`` is ``None`` and ``feature_map`` serves both); the
     separation loss always uses the stored patterns' ``feature_map``.
     With ``project=False`` this is exactly the retrieval dynamics ``T_K`` of eq. (2.4) (the head split then
-    applies to ``kernel_dim``, which ``num_heads`` must divide). ``energy`` is the kernelized energy
+    applies to ``kernel_dim``, which ``num_heads`` must divide, and the default ``beta`` is
+    ``(kernel_dim / num_heads) ** -0.5``, the size of each head's association space). ``energy`` is the kernelized energy
     ``-(1/beta) Psi*(beta K(Xi, x)) + 0.5 K(x, x)`` in each head's association space.
     """
 
@@ -209,9 +256,13 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
             bias = self.q_proj.bias is not None
             self.q_proj = nn.Linear(self.kernel_dim, inner, bias=bias)
             self.k_proj = nn.Linear(self.kernel_dim, inner, bias=bias)
-        elif self.kernel_dim % self.num_heads:
-            raise ValueError(f"project=False splits Phi's kernel_dim={self.kernel_dim} into num_heads={self.num_heads}; "
-                             "num_heads must divide it")
+        else:
+            if self.kernel_dim % self.num_heads:
+                raise ValueError(f"project=False splits Phi's kernel_dim={self.kernel_dim} into num_heads={self.num_heads}; "
+                                 "num_heads must divide it")
+            if kwargs.get("beta") is None:  # each head associates in kernel_dim / num_heads features
+                self.beta = InverseTemperature((self.kernel_dim // self.num_heads) ** -0.5, self.num_heads,
+                                               kwargs.get("learnable_beta", False))
         self._init_separation(t, loss)
 
     def _split_kernel(self, x: Tensor) -> Tensor:
@@ -230,6 +281,11 @@ class KernelizedHopfield(SeparationLossMixin, Hopfield):
     def forward(self, state: Tensor, stored: Tensor | None = None, values: Tensor | None = None, **kwargs):
         """As :meth:`Hopfield.forward`; caches the stored patterns when ``cache_memories`` is set."""
         self._cache(state if stored is None else stored)
+        if self.track_entropy and not kwargs.get("return_association", False):
+            kwargs.pop("return_association", None)
+            out, weights = super().forward(state, stored, values, return_association=True, **kwargs)
+            self._record_entropy(weights)
+            return out
         return super().forward(state, stored, values, **kwargs)
 
 
@@ -276,10 +332,15 @@ class KernelizedHopfieldAttention(SeparationLossMixin, HopfieldAttention):
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: Tensor, *args, **kwargs):
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                return_association: bool = False):
         """As :meth:`HopfieldAttention.forward`; caches the tokens when ``cache_memories`` is set."""
         self._cache(x)
-        return super().forward(x, *args, **kwargs)
+        if self.track_entropy and not return_association:
+            out, weights = super().forward(x, attn_mask, is_causal, return_association=True)
+            self._record_entropy(weights)
+            return out
+        return super().forward(x, attn_mask, is_causal, return_association)
 
 
 class KernelizedMultiheadHopfield(SeparationLossMixin, MultiheadHopfield):
