@@ -33,6 +33,8 @@ from hopformer.functional._separation_kernels import (
 
 _CHUNK_ELEMS = 1 << 18
 _CHUNK_ELEMS_GPU = 1 << 25
+_MIN_UNITS = 8  # backward: below this many group units, each unit is split into pieces
+_PIECES = 4
 
 
 def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
@@ -115,44 +117,70 @@ class SeparatedAttentionFunction(Function):
         k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
         blocks = list(_blocks(groups, n, m, q.device))
 
-        def job(part):
-            """Writes dq rows; returns this worker's sums for dk, dv, dalpha."""
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dalpha = torch.zeros_like(a_t) if need_alpha else None
-            ws = _Workspace(q, n, m, 4)
-            for i in part:
-                gs, rs = blocks[i]
-                shape = (gs.stop - gs.start, rs.stop - rs.start, m)
-                x = ws.get(0, shape)
-                torch.bmm(qs[gs, rs], k_t[gs], out=x)
-                x = _add_mask(x, mask, gs, rs, scale).view(-1, m).sub_(shift[gs, rs].reshape(-1, 1))
-                t = tau[gs, rs].reshape(-1, 1)
-                go = g_out[gs, rs]
-                dp = ws.get(1, shape)
-                torch.bmm(go, v_t[gs], out=dp)
-                dp = dp.view(-1, m)
-                ds = ws.get(2, dp.shape)  # d loss / d scores
-                if ctx.kind == "sparsemax":
-                    p = x.sub_(t).relu_()
-                    _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
-                else:
-                    a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
-                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape))
-                    da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
-                    if need_alpha:
-                        da = da.view(shape[0], shape[1], 1)
-                        if a_t.shape[1] == 1:
-                            dalpha[gs] += da.sum(dim=1, keepdim=True)
-                        else:
-                            dalpha[gs, rs] += da
-                p3, ds3 = p.view(shape), ds.view(shape)
-                dv[gs].baddbmm_(p3.transpose(1, 2), go)
-                torch.bmm(ds3, k[gs], out=dq[gs, rs])
-                dk[gs].baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
-            return dk, dv, dalpha
+        items = _units(blocks)
+        split = len(items) < _MIN_UNITS  # few groups: pieces of a group run in parallel, private sums
+        if split:
+            items = [piece for unit in items for piece in _split(unit, _PIECES)]
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dalpha = torch.empty_like(a_t) if need_alpha else None
+        private: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(items)
 
-        parts = _parallel(job, len(blocks), q.device)
-        dk, dv, dalpha = (_sum_parts([part[j] for part in parts]) for j in range(3))
+        def job(part):
+            """Per item (consecutive blocks of one set of groups): writes its rows of dq and sums its
+            share of dk, dv, dalpha; items own their groups (or a private sum when `split`), so the
+            result does not depend on the number of workers nor on who ran which item."""
+            ws = _Workspace(q, n, m, 4)
+            for u in part:
+                gs = items[u][0][0]
+                if split:
+                    gk, gv = k.new_zeros(k[gs].shape), v.new_zeros(v[gs].shape)
+                    ga = a_t.new_zeros(a_t[gs].shape) if need_alpha else None
+                    private[u] = (gk, gv, ga)
+                else:
+                    gk, gv = dk[gs].zero_(), dv[gs].zero_()
+                    ga = dalpha[gs].zero_() if need_alpha else None
+                for gs, rs in items[u]:
+                    shape = (gs.stop - gs.start, rs.stop - rs.start, m)
+                    x = ws.get(0, shape)
+                    torch.bmm(qs[gs, rs], k_t[gs], out=x)
+                    x = _add_mask(x, mask, gs, rs, scale).view(-1, m).sub_(shift[gs, rs].reshape(-1, 1))
+                    t = tau[gs, rs].reshape(-1, 1)
+                    go = g_out[gs, rs]
+                    dp = ws.get(1, shape)
+                    torch.bmm(go, v_t[gs], out=dp)
+                    dp = dp.view(-1, m)
+                    ds = ws.get(2, dp.shape)  # d loss / d scores
+                    if ctx.kind == "sparsemax":
+                        p = x.sub_(t).relu_()
+                        _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
+                    else:
+                        a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
+                        p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape))
+                        da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
+                        if need_alpha:
+                            da = da.view(shape[0], shape[1], 1)
+                            if a_t.shape[1] == 1:
+                                ga += da.sum(dim=1, keepdim=True)
+                            else:
+                                ga[:, rs] += da
+                    p3, ds3 = p.view(shape), ds.view(shape)
+                    gv.baddbmm_(p3.transpose(1, 2), go)
+                    torch.bmm(ds3, k[gs], out=dq[gs, rs])
+                    gk.baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
+
+        _parallel(job, len(items), q.device)
+        if split:  # fixed order: deterministic
+            done = set()
+            for item, sums in zip(items, private):
+                gs = item[0][0]
+                key = (gs.start, gs.stop)
+                for total, part in zip((dk, dv, dalpha), sums):
+                    if part is not None:
+                        if key in done:
+                            total[gs] += part
+                        else:
+                            total[gs] = part
+                done.add(key)
         # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group
         dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if ctx.needs_input_grad[3] else None
         return dq.mul_(beta), dk, dv, dbeta, dalpha, None, None, None, None
@@ -168,12 +196,23 @@ def _scaled_queries(q, beta, alpha, kind: str):
     return qb, qb * scale, scale
 
 
-def _sum_parts(parts: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """Sum of the workers' partial gradients, in a fixed order (deterministic)."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part if total is not None else None
-    return total
+def _units(blocks: List[Tuple[slice, slice]]) -> List[List[Tuple[slice, slice]]]:
+    """Consecutive blocks grouped by their group slice: the backward's units of work (one unit owns
+    its groups of dk, dv, dalpha, so no worker needs a private copy of them)."""
+    units: List[List[Tuple[slice, slice]]] = []
+    for gs, rs in blocks:
+        if units and units[-1][0][0] == gs:
+            units[-1].append((gs, rs))
+        else:
+            units.append([(gs, rs)])
+    return units
+
+
+def _split(unit: List[Tuple[slice, slice]], pieces: int) -> List[List[Tuple[slice, slice]]]:
+    """`unit` cut into at most `pieces` runs of consecutive blocks."""
+    count = min(pieces, len(unit))
+    bounds = [round(i * len(unit) / count) for i in range(count + 1)]
+    return [unit[bounds[i]: bounds[i + 1]] for i in range(count)]
 
 
 class _Workspace:
