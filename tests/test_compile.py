@@ -104,3 +104,18 @@ def test_compile_stanhop(hopfield):
     net = STanHopNet(3, 24, 12, d_model=16, num_heads=2, d_ff=32, num_router=2, dropout=0.0, seg_len=6,
                      win_size=2, num_layers=1, hopfield=hopfield)
     _compare(net, lambda: torch.randn(2, 24, 3), atol=1e-4)
+
+
+def test_training_modules_compile_option_keeps_parameter_names():
+    """`compile: true` wraps the model's forward (nn.Module.compile); checkpoints keep their keys."""
+    from hopformer.models import DLinear
+    from hopformer.training.classification import ClassificationModule
+    from hopformer.training.forecasting import ForecastingModule
+
+    plain = ClassificationModule("hopfield_vit_nano_patch2_8")
+    compiled = ClassificationModule("hopfield_vit_nano_patch2_8", compile=True)
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    forecaster = ForecastingModule(DLinear(24, 12, 3), compile=True)
+    assert forecaster.model._compiled_call_impl is not None
+    assert all("_orig_mod" not in key for key in forecaster.state_dict())
