@@ -89,7 +89,7 @@ def test_compile_hopfield_vit(config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["hopfield", "kernelized", "continuous"])
+@pytest.mark.parametrize("attention", ["hopfield", "kernelized"])
 def test_compile_vih(attention):
     torch.manual_seed(0)
     model = timm.create_model("vih_patch4_32", img_size=8, patch_size=2, in_chans=1, embed_dim=16,
