@@ -102,6 +102,31 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
     return {name: t / ref for name, t in med.items()}
 
 
+def sweep_chunk(lengths, repeats: int, sizes) -> None:
+    """Forward+backward time of the fused sparse cores per CPU block size (`_CHUNK_ELEMS` scores)."""
+    import hopformer.functional._separated_attention as sa
+    import hopformer.functional._separation_kernels as sk
+
+    default = sa._CHUNK_ELEMS
+    print(f"\n### block size sweep (default 2^{default.bit_length() - 1} scores), threads={torch.get_num_threads()}")
+    print("| L | core | " + " | ".join(f"2^{s} ms" for s in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for length in lengths:
+        b, h = SHAPES.get(length, (1, 2))
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+        for sep in ("sparsemax", "entmax15"):
+            runs = {}
+            for size in sizes:
+                def run(size=size, sep=sep):
+                    sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = 1 << size
+                    separated_attention(q, k, v, separation=sep).sum().backward()
+                runs[size] = run
+            med = interleaved(runs, repeats, torch.device("cpu"))
+            print(f"| {length} | {sep} | " + " | ".join(f"{med[s] * 1e3:.1f}" for s in sizes) + " |", flush=True)
+    sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024, 4096])
@@ -111,10 +136,15 @@ def main() -> None:
     parser.add_argument("--maps", action="store_true", help="also the maps on materialised scores")
     parser.add_argument("--pkg", action="store_true", help="also the entmax package")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
+                        help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"\nhopformer from {os.path.dirname(hopformer.__file__)}")
+    if args.sweep_chunk is not None:
+        sweep_chunk(args.lengths, args.repeats, args.sweep_chunk or [16, 17, 18, 19])
+        return
     for length in args.lengths:
         bench(length, min(args.repeats, 3) if length >= 4096 else args.repeats, torch.device(args.device),
               args.maps, args.pkg, not args.no_memory)
