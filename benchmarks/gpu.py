@@ -4,8 +4,8 @@ Prints the same ratio tables as the CPU benchmarks, on the first GPU:
 
 1. attention cores (``separation.py`` tables, float32, L = 64 ... 4096, peak memory from the caching
    allocator): SDPA vs the block-wise sparsemax / entmax15 / alpha / learnable-alpha cores;
-2. the same cores under ``torch.autocast("cuda", torch.bfloat16)`` (SDPA in bf16; the sparse cores
-   compute in float32 and return bf16);
+2. the same cores under ``torch.autocast("cuda", torch.bfloat16)`` (SDPA runs in bf16; the sparse
+   cores switch autocast off and compute in float32, the dtype of their inputs);
 3. one training step of ``hopfield_vit_mini_patch4_32`` (batch 128) vs timm's ViT, eager and bf16
    autocast, with ``--compile`` also compiled (``training_step.py``);
 4. STanHop-Net at the ETTh1-96 paper setting vs the Crossformer-style reference (``stanhop.py``);
