@@ -17,7 +17,15 @@ from torch import nn
 
 import hopformer.models  # noqa: F401  (registers the timm models)
 from hopformer.functional._separated_attention import _forward_op
-from hopformer.layers import GeneralizedSparseHopfield, SparseHopfield
+from hopformer.layers import (
+    ContinuousHopfield,
+    GeneralizedSparseHopfield,
+    HopfieldLayer,
+    HopfieldPooling,
+    KernelizedHopfield,
+    MultiheadHopfield,
+    SparseHopfield,
+)
 from hopformer.models import STanHopNet
 
 
@@ -59,7 +67,25 @@ def test_compile_sparse_layer_matches_eager():
 LAYERS = {
     "entmax15": lambda: GeneralizedSparseHopfield(16, 2, learnable_alpha=False),
     "learnable_alpha": lambda: GeneralizedSparseHopfield(16, 2, alpha=1.3),
+    "learnable_alpha_per_head_3_steps": lambda: GeneralizedSparseHopfield(16, 2, alpha=1.3, alpha_per_head=True,
+                                                                          update_steps=3),
+    "sparse_pooling": lambda: HopfieldPooling(16, 2, num_queries=2, separation="sparsemax"),
+    "sparse_lookup": lambda: HopfieldLayer(16, 2, num_patterns=5, separation="entmax15"),
+    "multihead_sparse": lambda: _SelfAttention(MultiheadHopfield(16, 2, batch_first=True, separation="sparsemax")),
+    "kernelized_sparse": lambda: KernelizedHopfield(16, 2, separation="sparsemax"),
+    "continuous": lambda: ContinuousHopfield(16, 2),
 }
+
+
+class _SelfAttention(nn.Module):
+    """``nn.MultiheadAttention``-style call ``(x, x, x)`` -> output."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, x, x, need_weights=False)[0]
 
 
 @pytest.mark.slow
