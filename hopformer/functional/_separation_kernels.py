@@ -533,13 +533,15 @@ def _entmax_backward_rows(
     out.addcmul_(gppr, q, value=-1.0)
     if not need_alpha:
         return None
-    # Correia et al. 2019, eq. 12-14: dp/dalpha
+    # Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1)
+    # with skew = gppr / sum gppr and H = sum p log p; contracted with g row by row as sums
+    # (<g, skew> = q above), so no full-size temporary is formed.
     am1 = alpha - 1.0
-    plogp = torch.xlogy(p, p)
+    plogp = torch.xlogy(p, p, out=gppr)  # gppr is not needed any more
     ent = plogp.sum(dim=-1, keepdim=True)
-    skew = gppr / s_gppr
-    d = (p - skew) / (am1 * am1) - (plogp - skew * ent) / am1
-    return torch.linalg.vecdot(g, d).unsqueeze(-1)
+    g_plogp = torch.linalg.vecdot(g, plogp).unsqueeze(-1)
+    g_p = torch.linalg.vecdot(g, p).unsqueeze(-1)
+    return (g_p - q) / (am1 * am1) - (g_plogp - q * ent) / am1
 
 
 def _entmax_backward_simple(p, g, a, need_alpha: bool):
