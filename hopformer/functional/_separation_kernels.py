@@ -195,7 +195,7 @@ _COMPACT = True  # solve the thresholds on the candidate entries only (False: on
 _COMPACT_MAX_FRACTION = 0.5  # ... when the longest candidate row is at most this part of a row
 
 
-def _on_candidates(x: torch.Tensor, out: torch.Tensor, solve: Callable, lower: Exponent = -1.0) -> tuple:
+def _on_candidates(x: torch.Tensor, out: torch.Tensor, solve: Callable) -> tuple:
     """Run the threshold solver `solve(x', out')` on the candidate entries of the rows of `x` only.
 
     With each row shifted to max 0, the threshold of sparsemax and of alpha-entmax (on
@@ -205,13 +205,12 @@ def _on_candidates(x: torch.Tensor, out: torch.Tensor, solve: Callable, lower: E
     -inf (weight 0), solved there, and scattered back into `out` (zeros elsewhere). The thresholds
     and the weights are those of the whole rows; every solver iteration then costs `O(k)` per row
     instead of `O(n)`. Blocks with many candidates (`k > n / 2`) are solved on whole rows.
-    `lower` (float or `(c, 1)`) may give a tighter lower bound of the thresholds (entmax: one Newton
-    step, `_entmax_newton_bound`). Returns what `solve` returns (per-row thresholds, ...).
+    Returns what `solve` returns (per-row thresholds, ...).
     """
     rows, n = x.shape
     if not _COMPACT or rows == 0 or n < 8:
         return solve(x, out)
-    cand = x > lower
+    cand = x > -1.0
     count = cand.sum(dim=-1)
     k = int(count.max())
     if k == 0 or k > _COMPACT_MAX_FRACTION * n:
@@ -347,33 +346,7 @@ def _entmax_rows(
     Each row's max must be 0 (or the row all -inf); solved on the candidates `x > -1` only
     (see `_on_candidates`).
     """
-    lower = _entmax_newton_bound(x, e, out) if _COMPACT else -1.0
-    return _on_candidates(x, out, lambda xc, oc: _entmax_rows_dense(xc, e, oc, tol, max_iter, scratch, scratch2),
-                          lower)
-
-
-def _entmax_newton_bound(x: torch.Tensor, e: Exponent, work: torch.Tensor) -> torch.Tensor:
-    """A lower bound `(c, 1)` of the entmax threshold tighter than `max - 1`: one Newton step from
-    the left on the convex `||(x - tau)_+||_e = 1` (as in `_entmax_rows_dense`), started from
-    `max(-1, mean x - n^(-1/e))`, less a margin for rounding. `work` is overwritten."""
-    tiny = torch.finfo(x.dtype).tiny
-    n = x.shape[-1]
-    inv_e = 1.0 / e
-    start = x.mean(dim=-1, keepdim=True) - (n**-inv_e if isinstance(e, float) else torch.pow(n, -inv_e))
-    tau = start.clamp_min(-1.0)
-    r = torch.sub(x, tau, out=work).relu_()
-    if isinstance(e, float) and e == 2.0:
-        s_em1, f = r.sum(dim=-1, keepdim=True), torch.linalg.vecdot(r, r).unsqueeze(-1)
-    elif isinstance(e, float) and e == 1.0:
-        return tau  # (sparsemax rows: the bound max - 1 is used)
-    else:  # (rows with e = 1 count 0^0 = 1 in s_em1: a shorter step, still a lower bound)
-        r_em1 = torch.pow(r, e - 1.0)
-        s_em1, f = r_em1.sum(dim=-1, keepdim=True), torch.linalg.vecdot(r_em1, r).unsqueeze(-1)
-    f_safe = f.clamp_min(tiny)
-    big_f = f_safe.pow(inv_e)
-    step = ((big_f - 1.0) * f_safe / (big_f * s_em1.clamp_min(tiny))).masked_fill_(f <= 0, 0.0)
-    bound = torch.where(torch.isfinite(step), tau + step, tau)
-    return bound - 1e-4 * (1.0 + bound.abs())
+    return _on_candidates(x, out, lambda xc, oc: _entmax_rows_dense(xc, e, oc, tol, max_iter, scratch, scratch2))
 
 
 def _entmax_rows_dense(
