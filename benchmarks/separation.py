@@ -138,14 +138,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
     parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
-    parser.add_argument("--whole-rows", action="store_true",
-                        help="solve the thresholds on whole rows (no candidate compaction: the previous kernels)")
     args = parser.parse_args()
-    if args.whole_rows:
-        import hopformer.functional._separation_kernels as sk
-
-        sk._COMPACT = False
-        print("candidate compaction off (whole rows)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"\nhopformer from {os.path.dirname(hopformer.__file__)}")

@@ -189,56 +189,10 @@ def _pick(e: Exponent, sl: slice) -> Exponent:
     return e[sl] if isinstance(e, torch.Tensor) else e
 
 
-# ----------------------------------------------------------------------------- candidates
-
-_COMPACT = True  # solve the thresholds on the candidate entries only (False: on whole rows)
-_COMPACT_MAX_FRACTION = 0.5  # ... when the longest candidate row is at most this part of a row
-
-
-def _on_candidates(x: torch.Tensor, out: torch.Tensor, solve: Callable) -> tuple:
-    """Run the threshold solver `solve(x', out')` on the candidate entries of the rows of `x` only.
-
-    With each row shifted to max 0, the threshold of sparsemax and of alpha-entmax (on
-    `(alpha - 1) z`) is at least `max - 1 = -1` (the top weight is at most 1: `(0 - tau)_+^e <= 1`),
-    so only entries `x > -1` can carry weight. They are few (for attention scores typically a few
-    percent of a row): they are gathered into rows of the longest candidate count `k`, padded with
-    -inf (weight 0), solved there, and scattered back into `out` (zeros elsewhere). The thresholds
-    and the weights are those of the whole rows; every solver iteration then costs `O(k)` per row
-    instead of `O(n)`. Blocks with many candidates (`k > n / 2`) are solved on whole rows.
-    Returns what `solve` returns (per-row thresholds, ...).
-    """
-    rows, n = x.shape
-    if not _COMPACT or rows == 0 or n < 8:
-        return solve(x, out)
-    cand = x > -1.0
-    count = cand.sum(dim=-1)
-    k = int(count.max())
-    if k == 0 or k > _COMPACT_MAX_FRACTION * n:
-        return solve(x, out)
-    flat = cand.view(-1).nonzero().squeeze(-1)  # row-major: rows ascending, columns ascending
-    row = torch.div(flat, n, rounding_mode="floor")
-    col = flat - row * n
-    pos = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(count, 0) - count)[row]
-    xc = x.new_full((rows, k), float("-inf"))
-    xc[row, pos] = x.view(-1)[flat]
-    oc = torch.empty_like(xc)
-    result = solve(xc, oc)
-    out.zero_()
-    out.view(-1)[flat] = oc[row, pos]
-    return result
-
-
 # ----------------------------------------------------------------------------- sparsemax
 
 
 def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sparsemax of the rows of `x` (each row's max 0, or all -inf) into `out`; thresholds `(c, 1)`.
-
-    Solved on the candidate entries `x > -1` only (see `_on_candidates`)."""
-    return _on_candidates(x, out, lambda xc, oc: (_sparsemax_rows_dense(xc, oc, scratch),))[0]
-
-
-def _sparsemax_rows_dense(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write sparsemax of the rows of `x` into `out` (same shape); return the thresholds `(c, 1)`.
 
     Counts use `sign` of the clipped values (float ops; boolean tensors are slower on CPU).
@@ -343,22 +297,7 @@ def _entmax_rows(
     """Write alpha-entmax of the rows of `x = (alpha - 1) z` into `out`, `e = 1 / (alpha - 1)`.
 
     Returns `(tau, norm)` `(c, 1)` with `out = (x - tau)_+^e / norm` (`norm = 1` on exact rows).
-    Each row's max must be 0 (or the row all -inf); solved on the candidates `x > -1` only
-    (see `_on_candidates`).
     """
-    return _on_candidates(x, out, lambda xc, oc: _entmax_rows_dense(xc, e, oc, tol, max_iter, scratch, scratch2))
-
-
-def _entmax_rows_dense(
-    x: torch.Tensor,
-    e: Exponent,
-    out: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    scratch: Optional[torch.Tensor] = None,
-    scratch2: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`_entmax_rows` on all entries of the rows."""
     if isinstance(e, float) and e == 2.0:
         return _entmax15_rows(x, out, max_iter, scratch, scratch2)
     tiny = torch.finfo(x.dtype).tiny
