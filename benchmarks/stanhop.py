@@ -19,7 +19,7 @@ import argparse
 import math
 import os
 import sys
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
