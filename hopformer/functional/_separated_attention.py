@@ -151,21 +151,23 @@ def _backward_op(
     blocks = list(_blocks(groups, n, m, q.device))
 
     items = _units(blocks)
-    split = len(items) < _MIN_UNITS  # few groups: pieces of a group run in parallel, private sums
-    if split:
-        items = [piece for unit in items for piece in _split(unit, _PIECES)]
+    owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)
+    if len(items) < _MIN_UNITS:  # few groups: pieces of a group run in parallel, with private sums
+        pieces = [_split(unit, _PIECES) for unit in items]
+        items = [piece for unit in pieces for piece in unit]
+        owned = [len(unit) == 1 for unit in pieces for _ in unit]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dalpha = torch.empty_like(a_t) if need_alpha else None
     private: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(items)
 
     def job(part):
         """Per item (consecutive blocks of one set of groups): writes its rows of dq and sums its
-        share of dk, dv, dalpha; items own their groups (or a private sum when `split`), so the
+        share of dk, dv, dalpha; items own their groups (or, pieces, a private sum), so the
         result does not depend on the number of workers nor on who ran which item."""
         ws = _Workspace(q, n, m, 4)
         for u in part:
             gs = items[u][0][0]
-            if split:
+            if not owned[u]:
                 gk, gv = k.new_zeros(k[gs].shape), v.new_zeros(v[gs].shape)
                 ga = a_t.new_zeros(a_t[gs].shape) if need_alpha else None
                 private[u] = (gk, gv, ga)
@@ -202,9 +204,11 @@ def _backward_op(
                 gk.baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
 
     _parallel(job, len(items), q.device)
-    if split:  # fixed order: deterministic
+    if not all(owned):  # the pieces' private sums, in a fixed order: deterministic
         done = set()
         for item, sums in zip(items, private):
+            if sums is None:
+                continue
             gs = item[0][0]
             key = (gs.start, gs.stop)
             for total, part in zip((dk, dv, dalpha), sums):
