@@ -1,104 +1,153 @@
-"""Forward+backward time of the attention core `Sep(q k^T / sqrt(d)) v` per separation map.
+"""Forward+backward time and memory of the attention core `Sep(q k^T / sqrt(d)) v`, ratio to SDPA.
 
-Prints, per shape, the median time of each core and its ratio to the fused softmax core
-(`torch.nn.functional.scaled_dot_product_attention`) measured in the same run (round-robin
-over the cores, so load changes hit all of them alike). "explicit softmax" is the same core
-written with matmuls and `torch.softmax`, the floor for any core that materialises the scores;
-"ours <map>" are `separate`-style maps on materialised scores, "ours fused <map>" is
-`separated_attention` (block-wise, thresholds saved, scores never materialised).
+One table per sequence length L (default 64, 256, 1024, 4096; batch x heads shrink with L so each
+table is a similar amount of work). The reference is the fused softmax core
+`torch.nn.functional.scaled_dot_product_attention`, measured in the same run, round-robin with the
+others (load changes hit every core alike). Rows:
 
-    flock /tmp/hopformer-heavy.lock python benchmarks/separation.py            # both shapes
-    python benchmarks/separation.py --shapes 16,8,256,32 --repeats 5
+- "explicit softmax": `softmax(q k^T) v` with matmuls, the floor for any core that materialises the scores;
+- "sparsemax", "entmax15", "entmax alpha=1.3": `hopformer.functional.separated_attention` (block-wise,
+  thresholds saved, scores never materialised);
+- "learnable alpha": the same with a per-head tensor alpha that receives a gradient (Correia et al. 2019);
+- with `--maps`: the separation maps on materialised scores (`separate`), and with `--pkg` the
+  `entmax` package.
+
+Memory: "saved MiB" is what autograd keeps between forward and backward (inputs included);
+"peak MiB" the peak above the inputs during one forward+backward (CPU: sampled resident set size).
+Targets (issue 14): sparsemax and entmax15 <= 1.5x SDPA, learnable alpha <= 2.5x.
+
+    flock /tmp/hopformer-heavy.lock python benchmarks/separation.py                 # all lengths
+    python benchmarks/separation.py --lengths 64 256 --repeats 5 --threads 1
+    python benchmarks/separation.py --device cuda                                   # see also gpu.py
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable, Dict, List
+import os
+import sys
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from hopformer.functional.separation import entmax, entmax15, separated_attention, softmax, sparsemax
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout first
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hopformer  # noqa: E402
+from _common import interleaved, machine_line, peak_bytes, saved_bytes  # noqa: E402
+from hopformer.functional.separation import entmax, entmax15, separated_attention, sparsemax  # noqa: E402
+
+# (batch, heads) per length: B * H * L^2 scores kept between 2^22 and 2^26
+SHAPES: Dict[int, Tuple[int, int]] = {64: (64, 8), 256: (16, 8), 1024: (4, 4), 4096: (1, 2)}
+HEAD_DIM = 32
 
 
-def _cores() -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    import entmax as pkg
-
-    return {
-        "explicit softmax (torch)": lambda s: torch.softmax(s, dim=-1),
-        "ours softmax": lambda s: softmax(s, dim=-1),
-        "ours sparsemax": lambda s: sparsemax(s, dim=-1),
-        "ours entmax15": lambda s: entmax15(s, dim=-1),
-        "ours entmax alpha=1.3": lambda s: entmax(s, 1.3, dim=-1),
-        "ours entmax alpha=1.3 (tensor, per head)": None,  # filled in per shape
-        "entmax pkg sparsemax": lambda s: pkg.sparsemax(s, dim=-1),
-        "entmax pkg entmax15": lambda s: pkg.entmax15(s, dim=-1),
-        "entmax pkg entmax_bisect alpha=1.3": lambda s: pkg.entmax_bisect(s, 1.3, dim=-1),
+def cores(h: int, device: torch.device, maps: bool, pkg: bool) -> Dict[str, Callable]:
+    """name -> f(q, k, v) returning the core's output."""
+    alpha = torch.full((h, 1, 1), 1.3, device=device, requires_grad=True)
+    out: Dict[str, Callable] = {
+        "sdpa softmax (reference)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+        "explicit softmax": lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / HEAD_DIM**0.5, -1) @ v,
+        "sparsemax": lambda q, k, v: separated_attention(q, k, v, separation="sparsemax"),
+        "entmax15": lambda q, k, v: separated_attention(q, k, v, separation="entmax15"),
+        "entmax alpha=1.3": lambda q, k, v: separated_attention(q, k, v, separation=1.3),
+        "learnable alpha (per head, grad)": lambda q, k, v: separated_attention(q, k, v, separation=alpha),
     }
 
+    def on_scores(sep):
+        return lambda q, k, v: sep(q @ k.transpose(-1, -2) / HEAD_DIM**0.5) @ v
 
-def _step(q, k, v, sep: Callable) -> None:
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    (sep(scores) @ v).sum().backward()
+    if maps:
+        out.update({"map sparsemax (scores)": on_scores(lambda s: sparsemax(s, -1)),
+                    "map entmax15 (scores)": on_scores(lambda s: entmax15(s, -1)),
+                    "map alpha=1.3 (scores)": on_scores(lambda s: entmax(s, 1.3, -1))})
+    if pkg:
+        import entmax as e
 
-
-def _sdpa(q, k, v) -> None:
-    F.scaled_dot_product_attention(q, k, v).sum().backward()
-
-
-def _time(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+        out.update({"entmax pkg sparsemax": on_scores(lambda s: e.sparsemax(s, dim=-1)),
+                    "entmax pkg entmax15": on_scores(lambda s: e.entmax15(s, dim=-1)),
+                    "entmax pkg bisect alpha=1.3": on_scores(lambda s: e.entmax_bisect(s, 1.3, dim=-1))})
+    return out
 
 
-def bench(shape: List[int], repeats: int, device: torch.device, skip: List[str]) -> None:
-    b, h, length, d = shape
+def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool, memory: bool,
+          dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+    b, h = SHAPES.get(length, (1, 2))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, length, d, generator=gen).to(device).requires_grad_() for _ in range(3))
-    alpha = torch.full((h, 1, 1), 1.3, device=device)
-    cores = {name: fn for name, fn in _cores().items() if not any(s in name for s in skip)}
-    if "ours entmax alpha=1.3 (tensor, per head)" in cores:
-        cores["ours entmax alpha=1.3 (tensor, per head)"] = lambda s: entmax(s, alpha, dim=-1)
-    runs: Dict[str, Callable[[], None]] = {"sdpa softmax (reference)": lambda: _sdpa(q, k, v)}
-    runs.update({name: (lambda fn=fn: _step(q, k, v, fn)) for name, fn in cores.items()})
-    fused = {"sparsemax": "sparsemax", "entmax15": "entmax15", "entmax alpha=1.3": 1.3, "entmax alpha=1.3 (tensor)": alpha}
-    for name, sep in fused.items():
-        if not any(s in "ours fused " + name for s in skip):
-            runs["ours fused " + name] = lambda sep=sep: separated_attention(q, k, v, separation=sep).sum().backward()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    for name, fn in runs.items():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    fns = cores(h, device, maps, pkg)
+
+    def step(fn):
+        def run():
             q.grad = k.grad = v.grad = None
-            times[name].append(_time(fn, device))
-    ref = statistics.median(times["sdpa softmax (reference)"])
-    print(f"\nshape B={b} H={h} L={length} d={d}  device={device}  threads={torch.get_num_threads()}  "
-          f"repeats={repeats}")
-    print(f"{'core':45s} {'median ms':>10s} {'ratio':>7s}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:45s} {med * 1e3:10.1f} {med / ref:7.2f}")
+            fn(q, k, v).float().sum().backward()
+        return run
+
+    med = interleaved({name: step(fn) for name, fn in fns.items()}, repeats, device)
+    ref = med["sdpa softmax (reference)"]
+    print(f"\n### L={length}: B={b} H={h} d={HEAD_DIM} {str(dtype).removeprefix('torch.')} device={device} "
+          f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats}")
+    head = f"| {'core':34s} | {'ms':>8s} | {'x SDPA':>6s} |"
+    print(head + (" saved MiB | peak MiB |" if memory else ""))
+    print("|" + "---|" * (5 if memory else 3))
+    for name, fn in fns.items():
+        row = f"| {name:34s} | {med[name] * 1e3:8.1f} | {med[name] / ref:6.2f} |"
+        if memory:
+            q.grad = k.grad = v.grad = None
+            saved = saved_bytes(lambda: fn(q, k, v).float())
+            peak = peak_bytes(step(fn), device)
+            row += f" {saved / 2**20:9.1f} | {peak / 2**20:8.1f} |"
+        print(row, flush=True)
+    return {name: t / ref for name, t in med.items()}
+
+
+def sweep_chunk(lengths, repeats: int, sizes) -> None:
+    """Forward+backward time of the fused sparse cores per CPU block size (`_CHUNK_ELEMS` scores)."""
+    import hopformer.functional._separated_attention as sa
+    import hopformer.functional._separation_kernels as sk
+
+    default = sa._CHUNK_ELEMS
+    print(f"\n### block size sweep (default 2^{default.bit_length() - 1} scores), threads={torch.get_num_threads()}")
+    print("| L | core | " + " | ".join(f"2^{s} ms" for s in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for length in lengths:
+        b, h = SHAPES.get(length, (1, 2))
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+        for sep in ("sparsemax", "entmax15"):
+            runs = {}
+            for size in sizes:
+                def run(size=size, sep=sep):
+                    sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = 1 << size
+                    separated_attention(q, k, v, separation=sep).sum().backward()
+                runs[size] = run
+            med = interleaved(runs, repeats, torch.device("cpu"))
+            print(f"| {length} | {sep} | " + " | ".join(f"{med[s] * 1e3:.1f}" for s in sizes) + " |", flush=True)
+    sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = default
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["16,8,256,32", "2,8,2048,32"], help="B,H,L,d per shape")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024, 4096])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (L=4096: at most 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip", nargs="*", default=[], help="skip cores whose name contains one of these")
+    parser.add_argument("--maps", action="store_true", help="also the maps on materialised scores")
+    parser.add_argument("--pkg", action="store_true", help="also the entmax package")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
+                        help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    for shape in args.shapes:
-        bench([int(x) for x in shape.split(",")], args.repeats, torch.device(args.device), args.skip)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_line(), f"\nhopformer from {os.path.dirname(hopformer.__file__)}")
+    if args.sweep_chunk is not None:
+        sweep_chunk(args.lengths, args.repeats, args.sweep_chunk or [16, 17, 18, 19])
+        return
+    for length in args.lengths:
+        bench(length, min(args.repeats, 3) if length >= 4096 else args.repeats, torch.device(args.device),
+              args.maps, args.pkg, not args.no_memory)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from hopformer.functional._separation_kernels import (
     _MAX_NEWTON,
@@ -33,6 +32,8 @@ from hopformer.functional._separation_kernels import (
 
 _CHUNK_ELEMS = 1 << 18
 _CHUNK_ELEMS_GPU = 1 << 25
+_MIN_UNITS = 8  # backward: below this many group units, each unit is split into pieces
+_PIECES = 4
 
 
 def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
@@ -55,73 +56,125 @@ def _rows_of(t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.
     return t[gs] if t.shape[1] == 1 else t[gs, rs]
 
 
-class SeparatedAttentionFunction(Function):
-    """Forward/backward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
+@torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())
+def _forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    a_t: Optional[Tensor],
+    alpha_f: float,
+    mask: Optional[Tensor],
+    kind: str,
+    tol: float,
+    max_iter: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
 
     `beta` `(G, 1, 1)`, `mask` additive `(G, n or 1, m)` or boolean (True = take part) or None,
-    `alpha` a float in (1, 2] or `(G, n or 1, 1)`; `kind` is "sparsemax" or "entmax".
+    alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
+    `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
+    per-row threshold, row maximum and normaliser the backward recomputes the weights from.
+    A `torch.library` custom op, so `torch.compile` treats it as one opaque node (the CPU worker
+    threads stay out of the traced graph).
     """
+    groups, n, _ = q.shape
+    m = k.shape[1]
+    out = q.new_empty(groups, n, v.shape[-1])
+    tau = q.new_empty(groups, n, 1)
+    shift = q.new_empty(groups, n, 1)  # row maxima: thresholds are solved for x - max (precision)
+    norm = q.new_ones(groups, n, 1)
+    alpha = a_t if a_t is not None else alpha_f
+    _, qs, scale = _scaled_queries(q, beta, alpha, kind)
+    k_t = k.transpose(1, 2)
+    blocks = list(_blocks(groups, n, m, q.device))
 
-    @staticmethod
-    def forward(ctx, q, k, v, beta, alpha, mask, kind: str, tol: float, max_iter: int):
-        groups, n, _ = q.shape
-        m = k.shape[1]
-        out = q.new_empty(groups, n, v.shape[-1])
-        tau = q.new_empty(groups, n, 1)
-        shift = q.new_empty(groups, n, 1)  # row maxima: thresholds are solved for x - max (precision)
-        norm = q.new_ones(groups, n, 1)
-        a_t = alpha if isinstance(alpha, torch.Tensor) else None
-        _, qs, scale = _scaled_queries(q, beta, alpha, kind)
-        k_t = k.transpose(1, 2)
-        blocks = list(_blocks(groups, n, m, q.device))
+    def job(part):
+        ws = _Workspace(q, n, m, 4)
+        for i in part:
+            gs, rs = blocks[i]
+            x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
+            torch.bmm(qs[gs, rs], k_t[gs], out=x)  # x = (alpha - 1) (beta q k^T + mask)
+            _add_mask(x, mask, gs, rs, scale)
+            rows = x.view(-1, m)
+            p = ws.get(1, rows.shape)
+            row_max = _row_max(rows)
+            rows.sub_(row_max)
+            shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)
+            if kind == "sparsemax":
+                t = _sparsemax_rows(rows, p, ws.bufs[2])
+            else:
+                a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
+                t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
+                norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
+            tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
+            torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
 
-        def job(part):
-            ws = _Workspace(q, n, m, 4)
-            for i in part:
-                gs, rs = blocks[i]
-                x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
-                torch.bmm(qs[gs, rs], k_t[gs], out=x)  # x = (alpha - 1) (beta q k^T + mask)
-                _add_mask(x, mask, gs, rs, scale)
-                rows = x.view(-1, m)
-                p = ws.get(1, rows.shape)
-                row_max = _row_max(rows)
-                rows.sub_(row_max)
-                shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)
-                if kind == "sparsemax":
-                    t = _sparsemax_rows(rows, p, ws.bufs[2])
-                else:
-                    a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
-                    t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
-                    norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
-                tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
-                torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
+    _parallel(job, len(blocks), q.device)
+    return out, tau, shift, norm
 
-        _parallel(job, len(blocks), q.device)
-        ctx.kind, ctx.alpha_f = kind, (None if a_t is not None else alpha)
-        ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_out):
-        q, k, v, beta, a_t, mask, tau, shift, norm = ctx.saved_tensors
-        groups, n, _ = q.shape
-        m = k.shape[1]
-        g_out = g_out.contiguous()
-        need_alpha = a_t is not None and ctx.needs_input_grad[4]
-        alpha = a_t if a_t is not None else ctx.alpha_f
-        qb, qs, scale = _scaled_queries(q, beta, alpha, ctx.kind)
-        dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
-        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
-        blocks = list(_blocks(groups, n, m, q.device))
+@_forward_op.register_fake
+def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
+    groups, n, _ = q.shape
+    return q.new_empty(groups, n, v.shape[-1]), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1)
 
-        def job(part):
-            """Writes dq rows; returns this worker's sums for dk, dv, dalpha."""
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            dalpha = torch.zeros_like(a_t) if need_alpha else None
-            ws = _Workspace(q, n, m, 4)
-            for i in part:
-                gs, rs = blocks[i]
+
+@torch.library.custom_op("hopformer::separated_attention_backward", mutates_args=())
+def _backward_op(
+    g_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    a_t: Optional[Tensor],
+    alpha_f: float,
+    mask: Optional[Tensor],
+    tau: Tensor,
+    shift: Tensor,
+    norm: Tensor,
+    kind: str,
+    need_beta: bool,
+    need_alpha: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `_forward_op`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
+    asked for). Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
+    Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds."""
+    groups, n, _ = q.shape
+    m = k.shape[1]
+    g_out = g_out.contiguous()
+    need_alpha = a_t is not None and need_alpha
+    alpha = a_t if a_t is not None else alpha_f
+    qb, qs, scale = _scaled_queries(q, beta, alpha, kind)
+    dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
+    k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+    blocks = list(_blocks(groups, n, m, q.device))
+
+    items = _units(blocks)
+    owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)
+    if len(items) < _MIN_UNITS:  # few groups: pieces of a group run in parallel, with private sums
+        pieces = [_split(unit, _PIECES) for unit in items]
+        items = [piece for unit in pieces for piece in unit]
+        owned = [len(unit) == 1 for unit in pieces for _ in unit]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dalpha = torch.empty_like(a_t) if need_alpha else None
+    private: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(items)
+
+    def job(part):
+        """Per item (consecutive blocks of one set of groups): writes its rows of dq and sums its
+        share of dk, dv, dalpha; items own their groups (or, pieces, a private sum), so the
+        result does not depend on the number of workers nor on who ran which item."""
+        ws = _Workspace(q, n, m, 4)
+        for u in part:
+            gs = items[u][0][0]
+            if not owned[u]:
+                gk, gv = k.new_zeros(k[gs].shape), v.new_zeros(v[gs].shape)
+                ga = a_t.new_zeros(a_t[gs].shape) if need_alpha else None
+                private[u] = (gk, gv, ga)
+            else:
+                gk, gv = dk[gs].zero_(), dv[gs].zero_()
+                ga = dalpha[gs].zero_() if need_alpha else None
+            for gs, rs in items[u]:
                 shape = (gs.stop - gs.start, rs.stop - rs.start, m)
                 x = ws.get(0, shape)
                 torch.bmm(qs[gs, rs], k_t[gs], out=x)
@@ -132,7 +185,7 @@ class SeparatedAttentionFunction(Function):
                 torch.bmm(go, v_t[gs], out=dp)
                 dp = dp.view(-1, m)
                 ds = ws.get(2, dp.shape)  # d loss / d scores
-                if ctx.kind == "sparsemax":
+                if kind == "sparsemax":
                     p = x.sub_(t).relu_()
                     _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
                 else:
@@ -142,20 +195,59 @@ class SeparatedAttentionFunction(Function):
                     if need_alpha:
                         da = da.view(shape[0], shape[1], 1)
                         if a_t.shape[1] == 1:
-                            dalpha[gs] += da.sum(dim=1, keepdim=True)
+                            ga += da.sum(dim=1, keepdim=True)
                         else:
-                            dalpha[gs, rs] += da
+                            ga[:, rs] += da
                 p3, ds3 = p.view(shape), ds.view(shape)
-                dv[gs].baddbmm_(p3.transpose(1, 2), go)
+                gv.baddbmm_(p3.transpose(1, 2), go)
                 torch.bmm(ds3, k[gs], out=dq[gs, rs])
-                dk[gs].baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
-            return dk, dv, dalpha
+                gk.baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
 
-        parts = _parallel(job, len(blocks), q.device)
-        dk, dv, dalpha = (_sum_parts([part[j] for part in parts]) for j in range(3))
-        # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group
-        dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if ctx.needs_input_grad[3] else None
-        return dq.mul_(beta), dk, dv, dbeta, dalpha, None, None, None, None
+    _parallel(job, len(items), q.device)
+    if not all(owned):  # the pieces' private sums, in a fixed order: deterministic
+        done = set()
+        for item, sums in zip(items, private):
+            if sums is None:
+                continue
+            gs = item[0][0]
+            key = (gs.start, gs.stop)
+            for total, part in zip((dk, dv, dalpha), sums):
+                if part is not None:
+                    if key in done:
+                        total[gs] += part
+                    else:
+                        total[gs] = part
+            done.add(key)
+    # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group
+    dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if need_beta else q.new_empty(0)
+    return dq.mul_(beta), dk, dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
+
+
+@_backward_op.register_fake
+def _backward_fake(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha):
+    dbeta = beta.new_empty(beta.shape) if need_beta else q.new_empty(0)
+    dalpha = a_t.new_empty(a_t.shape) if (need_alpha and a_t is not None) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbeta, dalpha
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, beta, a_t, alpha_f, mask, kind, _, _ = inputs
+    _, tau, shift, norm = output
+    ctx.kind, ctx.alpha_f = kind, alpha_f
+    ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm)
+
+
+def _backward(ctx, g_out, g_tau, g_shift, g_norm):
+    q, k, v, beta, a_t, mask, tau, shift, norm = ctx.saved_tensors
+    need_beta, need_alpha = ctx.needs_input_grad[3], a_t is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dbeta, dalpha = _backward_op(
+        g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha
+    )
+    return (dq, dk, dv, dbeta if need_beta else None, dalpha if need_alpha else None,
+            None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _scaled_queries(q, beta, alpha, kind: str):
@@ -168,12 +260,23 @@ def _scaled_queries(q, beta, alpha, kind: str):
     return qb, qb * scale, scale
 
 
-def _sum_parts(parts: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """Sum of the workers' partial gradients, in a fixed order (deterministic)."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part if total is not None else None
-    return total
+def _units(blocks: List[Tuple[slice, slice]]) -> List[List[Tuple[slice, slice]]]:
+    """Consecutive blocks grouped by their group slice: the backward's units of work (one unit owns
+    its groups of dk, dv, dalpha, so no worker needs a private copy of them)."""
+    units: List[List[Tuple[slice, slice]]] = []
+    for gs, rs in blocks:
+        if units and units[-1][0][0] == gs:
+            units[-1].append((gs, rs))
+        else:
+            units.append([(gs, rs)])
+    return units
+
+
+def _split(unit: List[Tuple[slice, slice]], pieces: int) -> List[List[Tuple[slice, slice]]]:
+    """`unit` cut into at most `pieces` runs of consecutive blocks."""
+    count = min(pieces, len(unit))
+    bounds = [round(i * len(unit) / count) for i in range(count + 1)]
+    return [unit[bounds[i]: bounds[i + 1]] for i in range(count)]
 
 
 class _Workspace:
@@ -257,6 +360,7 @@ def separated_attention_core(
         kind = "sparsemax" if a == 2.0 else "entmax"
     if tol is None:
         tol = _default_tol(cdtype)
+    a_t, a_f = (a, 0.0) if isinstance(a, torch.Tensor) else (None, a)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        out = SeparatedAttentionFunction.apply(q, k, v, b, a, mask, kind, tol, max_iter)
+        out = _forward_op(q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))[0]
     return out.reshape(*lead, n, values.shape[-1]).to(dtype)

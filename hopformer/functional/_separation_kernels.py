@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch.autograd import Function
@@ -46,6 +46,41 @@ T = TypeVar("T")
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)
 _POOL_LOCK = threading.Lock()
+_NUM_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
+
+
+def _env_workers() -> Optional[int]:
+    value = os.environ.get("HOPFORMER_NUM_WORKERS", "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"HOPFORMER_NUM_WORKERS must be an integer >= 0; got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"HOPFORMER_NUM_WORKERS must be an integer >= 0; got {value!r}")
+    return n
+
+
+def set_num_workers(n: Optional[int]) -> None:
+    """Set the number of CPU worker threads of the sparse separation kernels.
+
+    `None` (default) follows `torch.get_num_threads()`; `0` or `1` turns the pool off (every block
+    runs in the calling thread with torch's own intra-op threads); `n > 1` uses `n` threads (each
+    capped at `torch.get_num_threads()`). The environment variable `HOPFORMER_NUM_WORKERS` sets the
+    initial value. GPU tensors never use the pool.
+    """
+    global _NUM_WORKERS
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise ValueError(f"set_num_workers expects None or an integer >= 0; got {n!r}")
+    _NUM_WORKERS = n
+
+
+def get_num_workers() -> int:
+    """The number of worker threads the sparse kernels use on CPU now (1: no pool)."""
+    threads = torch.get_num_threads()
+    n = _NUM_WORKERS if _NUM_WORKERS is not None else _env_workers()
+    return max(1, threads if n is None else min(n, threads))
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -54,13 +89,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_KEY
     with _POOL_LOCK:
         if _POOL is None or _POOL_KEY != (os.getpid(), workers):
+            if _POOL is not None and _POOL_KEY[0] == os.getpid():
+                _POOL.shutdown(wait=False)  # idle threads of the old size exit
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="hopformer-sep", initializer=torch.set_num_threads,
                                        initargs=(1,))
             _POOL_KEY = (os.getpid(), workers)
         return _POOL
 
 
-def _no_grad(job: Callable[[Sequence[int]], T], part: Sequence[int], inference: bool = False) -> T:
+def _no_grad(job: Callable[[Iterable[int]], T], part: Iterable[int], inference: bool = False) -> T:
     """Run `job(part)` without autograd; under `torch.inference_mode` when the caller was in it.
 
     Inference mode is per thread: a pool thread does not inherit it from the caller, and an in-place
@@ -73,21 +110,39 @@ def _no_grad(job: Callable[[Sequence[int]], T], part: Sequence[int], inference: 
         return job(part)
 
 
-def _parallel(job: Callable[[Sequence[int]], T], n_items: int, device: torch.device) -> List[T]:
-    """Run `job(part)` over contiguous parts of `range(n_items)`, one part per worker.
+class _Queue:
+    """Indices `0 .. n-1` handed out one at a time to whichever worker asks first (thread safe)."""
 
-    On CPU the blocks are many small, cache-sized ops; OpenMP's per-op parallel regions scale badly
-    for them (and collapse when the cores are shared), so the blocks are spread over
-    `torch.get_num_threads()` Python threads instead, each running its ops single-threaded.
-    Elsewhere (or with one thread) the job runs inline. Returns the per-part results in order.
+    def __init__(self, n: int):
+        self._next, self._n, self._lock = 0, n, threading.Lock()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            with self._lock:
+                i = self._next
+                self._next += 1
+            if i >= self._n:
+                return
+            yield i
+
+
+def _parallel(job: Callable[[Iterable[int]], T], n_items: int, device: torch.device) -> List[T]:
+    """Run `job(items)` on every worker; `items` yields the indices of `range(n_items)` that this
+    worker takes, and each index goes to exactly one worker.
+
+    On CPU the items are many small, cache-sized blocks; OpenMP's per-op parallel regions scale
+    badly for them (and collapse when the cores are shared), so the blocks are spread over
+    `get_num_workers()` Python threads instead, each running its ops single-threaded. The items are
+    handed out dynamically (a worker slowed down by a competing process simply takes fewer), so the
+    job must write disjoint outputs per item. Elsewhere (or with one worker) the job runs inline.
+    Returns the per-worker results.
     """
-    workers = min(torch.get_num_threads(), n_items) if device.type == "cpu" else 1
+    workers = min(get_num_workers(), n_items) if device.type == "cpu" else 1
     if workers <= 1 or threading.current_thread().name.startswith("hopformer-sep"):
         return [_no_grad(job, range(n_items))]
-    bounds = [round(i * n_items / workers) for i in range(workers + 1)]
+    queue = _Queue(n_items)
     inference = torch.is_inference_mode_enabled()
-    futures = [_pool(workers).submit(_no_grad, job, range(bounds[i], bounds[i + 1]), inference)
-               for i in range(workers)]
+    futures = [_pool(workers).submit(_no_grad, job, queue, inference) for _ in range(workers)]
     return [f.result() for f in futures]
 
 
@@ -390,13 +445,15 @@ def _entmax_backward_rows(
     out.addcmul_(gppr, q, value=-1.0)
     if not need_alpha:
         return None
-    # Correia et al. 2019, eq. 12-14: dp/dalpha
+    # Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1)
+    # with skew = gppr / sum gppr and H = sum p log p; contracted with g row by row as sums
+    # (<g, skew> = q above), so no full-size temporary is formed.
     am1 = alpha - 1.0
-    plogp = torch.xlogy(p, p)
+    plogp = torch.xlogy(p, p, out=gppr)  # gppr is not needed any more
     ent = plogp.sum(dim=-1, keepdim=True)
-    skew = gppr / s_gppr
-    d = (p - skew) / (am1 * am1) - (plogp - skew * ent) / am1
-    return torch.linalg.vecdot(g, d).unsqueeze(-1)
+    g_plogp = torch.linalg.vecdot(g, plogp).unsqueeze(-1)
+    g_p = torch.linalg.vecdot(g, p).unsqueeze(-1)
+    return (g_p - q) / (am1 * am1) - (g_plogp - q * ent) / am1
 
 
 def _entmax_backward_simple(p, g, a, need_alpha: bool):

@@ -150,6 +150,18 @@ def _alpha_rows(alpha: torch.Tensor, scores: torch.Tensor, dim: int) -> torch.Te
 # ----------------------------------------------------------------------------- maps
 
 
+# The row kernels run data-dependent loops (and CPU worker threads): torch.compile runs them eagerly
+# (one graph break each) instead of tracing them.
+@torch.compiler.disable
+def _sparsemax_apply(z: torch.Tensor) -> torch.Tensor:
+    return SparsemaxFunction.apply(z)
+
+
+@torch.compiler.disable
+def _entmax_apply(z: torch.Tensor, alpha, tol: float = 1e-5, max_iter: int = _MAX_NEWTON) -> torch.Tensor:
+    return EntmaxFunction.apply(z, alpha, tol, max_iter)
+
+
 def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax along `dim` (Ramsauer et al. 2020 update); all -inf rows give zeros instead of NaN.
 
@@ -175,7 +187,7 @@ def sparsemax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if scores.numel() == 0:
         return scores.clone()
     z, shape = _rows(scores, dim)
-    return _unrows(SparsemaxFunction.apply(z), shape, dim, scores.dtype)
+    return _unrows(_sparsemax_apply(z), shape, dim, scores.dtype)
 
 
 def entmax15(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -184,7 +196,7 @@ def entmax15(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if scores.numel() == 0:
         return scores.clone()
     z, shape = _rows(scores, dim)
-    return _unrows(EntmaxFunction.apply(z, 1.5), shape, dim, scores.dtype)
+    return _unrows(_entmax_apply(z, 1.5), shape, dim, scores.dtype)
 
 
 def entmax(
@@ -220,13 +232,13 @@ def entmax(
     if tol is None:
         tol = _default_tol(z.dtype)
     if isinstance(spec, float):
-        return _unrows(EntmaxFunction.apply(z, spec, tol, n_iter), shape, dim, scores.dtype)
+        return _unrows(_entmax_apply(z, spec, tol, n_iter), shape, dim, scores.dtype)
     ones = a_rows == 1.0
     if bool(ones.any()):  # rows with alpha = 1 are softmax rows
-        p = EntmaxFunction.apply(z, a_rows.masked_fill(ones, 1.5), tol, n_iter)
+        p = _entmax_apply(z, a_rows.masked_fill(ones, 1.5), tol, n_iter)
         p = torch.where(ones, softmax(z, dim=-1), p)
     else:
-        p = EntmaxFunction.apply(z, a_rows, tol, n_iter)
+        p = _entmax_apply(z, a_rows, tol, n_iter)
     return _unrows(p, shape, dim, scores.dtype)
 
 
@@ -279,7 +291,7 @@ def _weights_rows(z: torch.Tensor, a: Union[float, torch.Tensor]) -> torch.Tenso
     if isinstance(a, float):
         return {1.0: softmax, 2.0: sparsemax, 1.5: entmax15}.get(a, lambda s, dim: entmax(s, a, dim=dim))(z, dim=-1)
     one = a == 1.0
-    p = EntmaxFunction.apply(z, a.masked_fill(one, 1.5), _default_tol(z.dtype), _MAX_NEWTON)
+    p = _entmax_apply(z, a.masked_fill(one, 1.5), _default_tol(z.dtype), _MAX_NEWTON)
     return torch.where(one, softmax(z, dim=-1), p) if bool(one.any()) else p
 
 
@@ -314,6 +326,11 @@ class _ConjugateFunction(Function):
         return dz, da, None
 
 
+@torch.compiler.disable
+def _conjugate_apply(z: torch.Tensor, a_t: Optional[torch.Tensor], a_f: float) -> torch.Tensor:
+    return _ConjugateFunction.apply(z, a_t, a_f)
+
+
 def separation_conjugate(scores: torch.Tensor, separation: Separation, dim: int = -1) -> torch.Tensor:
     """Psi*(z) = max_{p in simplex} <p, z> - Omega(p), reducing `dim` (the energies' lse generalised).
 
@@ -331,7 +348,7 @@ def separation_conjugate(scores: torch.Tensor, separation: Separation, dim: int 
     a_t = _alpha_rows(spec, scores, dim) if isinstance(spec, torch.Tensor) else None
     a_f = _ALPHA_OF.get(spec, spec) if a_t is None else 0.0
     z, shape = _rows(scores, dim)
-    psi = _ConjugateFunction.apply(z, a_t, float(a_f))
+    psi = _conjugate_apply(z, a_t, float(a_f))
     return psi.reshape(shape[:-1]).to(scores.dtype)
 
 

@@ -99,6 +99,8 @@ class ClassificationModule(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         init_checkpoint: optional state dict file (``torch.save``'d, or a Lightning checkpoint) loaded
             into the backbone before training, e.g. a plain timm ViT of the same shape.
+        compile: wrap the backbone's forward in ``torch.compile`` (``nn.Module.compile``: parameter
+            names and checkpoints unchanged); see ``docs/performance.md``.
     """
 
     monitor = "val_acc"
@@ -116,6 +118,7 @@ class ClassificationModule(L.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         init_checkpoint: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in ("adamw", "adam", "sgd"):
@@ -130,6 +133,8 @@ class ClassificationModule(L.LightningModule):
         self.model = build_backbone(backbone, num_classes, backbone_kwargs)
         if init_checkpoint is not None:
             self._load_init(init_checkpoint)
+        if compile:
+            self.model.compile()
         self.num_classes = num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -57,6 +57,8 @@ class ForecastingModule(L.LightningModule):
         plot_windows: test windows drawn in ``predictions.png`` (0: no plot).
         plot_series: index of the series to plot (default -1: the target column).
         seed: seed of the memory-window draw.
+        compile: wrap the model's forward in ``torch.compile`` (``nn.Module.compile``: parameter names
+            and checkpoints unchanged); see ``docs/performance.md``.
     """
 
     monitor = "val_mse"  # read by hopformer.cli for ModelCheckpoint
@@ -75,6 +77,7 @@ class ForecastingModule(L.LightningModule):
         plot_windows: int = 4,
         plot_series: int = -1,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("type1", "halving", "none"):
@@ -103,6 +106,8 @@ class ForecastingModule(L.LightningModule):
             if missing or result.unexpected_keys:
                 raise ValueError(f"init_checkpoint={init_checkpoint!r} does not fit this model: missing "
                                  f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        if compile:
+            self.model.compile()
 
     # ------------------------------------------------------------------ model
     def forward(self, x: Tensor) -> Tensor:
