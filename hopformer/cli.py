@@ -26,14 +26,16 @@ What this CLI adds to ``LightningCLI``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
@@ -80,6 +82,22 @@ class HopformerCLI(LightningCLI):
             default=False,
             help="after fit: validate and test the best checkpoint and print validation and test metrics",
         )
+        parser.add_argument(
+            "--threads",
+            type=Optional[int],
+            default=None,
+            help="torch CPU threads (torch.set_num_threads) before any work; 1 is fastest on a machine shared "
+            "with other jobs (README, Performance tips). Default: torch's choice (the number of cores)",
+        )
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # main() runs `fit` when no subcommand is given: say so instead of jsonargparse's "(required)"
+        parser.description = "hopformer: train, validate, test or predict with a config from configs/ (hopformer/cli.py)"
+        action = parser._subcommands_action
+        action.help = ("optional: without one, `python train.py [--option value ...]` fits configs/default.yaml "
+                       "(the options override it) and tests the best checkpoint")
+        action._jsonargparse_preexpanded_help = True
 
     def _subconfig(self, config: Any) -> Any:
         return config.get(str(self.subcommand), config) if self.subcommand else config
@@ -90,6 +108,8 @@ class HopformerCLI(LightningCLI):
         if cfg.get("checkpoint") is not None and cfg.checkpoint.monitor is None and model_cls is not None:
             cfg.checkpoint.monitor = getattr(model_cls, "monitor", None)
             cfg.checkpoint.mode = getattr(model_cls, "monitor_mode", cfg.checkpoint.mode)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         root = cfg.trainer.default_root_dir or "runs"
         os.environ.setdefault("WANDB_DIR", str(root))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -114,7 +134,9 @@ class HopformerCLI(LightningCLI):
             kwargs["logger"] = default_loggers(root)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(RichProgressBar() if sys.stdout.isatty() else _plain_progress())  # plain lines in logs
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(_prediction_writer())  # predictions.csv / forecast.npy in the run folder
         if trainer_cfg.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
@@ -143,11 +165,12 @@ class HopformerCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self._subconfig(self.config).get("test_after_fit", False):
             return
-        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+        # the best checkpoint's path (ckpt_path="best" warns when a second ModelCheckpoint keeps last.ckpt)
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
         val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         if self.trainer.is_global_zero:
-            where = self.trainer.checkpoint_callback.best_model_path if ckpt else "last weights"
+            where = ckpt or "last weights"
             print(f"\nBest checkpoint: {where}")
             for name, results in (("validation", val), ("test", test)):
                 for key, value in sorted((results[0] if results else {}).items()):
@@ -157,23 +180,75 @@ class HopformerCLI(LightningCLI):
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
 
 
+@contextlib.contextmanager
+def quiet_known_warnings(explicit_args: bool) -> Iterator[None]:
+    """The one place where the CLI silences warnings, each understood and harmless here.
+
+    - Lightning 2.6's ``utilities/_pytree.py`` calls ``isinstance(treespec, LeafSpec)``, deprecated in
+      torch >= 2.10: a Lightning/torch version pairing, nothing a user can change.
+    - ``main(args=[...])`` (tests, ``hopformer.compare``) passes the complete command; LightningCLI warns
+      that ``sys.argv`` (e.g. pytest's own arguments) is also set, which it then ignores.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        if explicit_args:
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+        yield
+
+
+def _plain_progress() -> ProgressBar:
+    from hopformer.training.progress import PlainProgressBar
+
+    return PlainProgressBar()
+
+
+def _prediction_writer() -> BasePredictionWriter:
+    from hopformer.training.predictions import PredictionWriter
+
+    return PredictionWriter()
+
+
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_TOP_LEVEL = ("-h", "--help", "--version")
+
+
+def default_args(argv: list[str]) -> list[str] | None:
+    """The arguments for a call without a subcommand (``python train.py [--option value ...]``), else ``None``.
+
+    No arguments, or only options: ``fit`` on ``configs/default.yaml`` then test (as a bare ``python
+    train.py``), with the options as overrides; with ``--config`` given, ``fit`` on that config.
+    """
+    if any(a in _SUBCOMMANDS for a in argv) or any(a in _TOP_LEVEL for a in argv):
+        return None
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        return ["fit", *argv]
+    if not DEFAULT_CONFIG.is_file():
+        raise FileNotFoundError(f"default config not found at '{DEFAULT_CONFIG}'; pass a subcommand and --config")
+    return ["fit", "--config", str(DEFAULT_CONFIG), "--test_after_fit", "true", *argv]
+
+
 def main(args: list[str] | None = None) -> HopformerCLI:
-    """Entry point of ``train.py``. With no arguments: fit ``configs/default.yaml`` and test the best model."""
-    if args is None and len(sys.argv) <= 1:
-        if not DEFAULT_CONFIG.is_file():
-            raise FileNotFoundError(f"default config not found at '{DEFAULT_CONFIG}'; pass a subcommand and --config")
-        args = ["fit", "--config", str(DEFAULT_CONFIG), "--test_after_fit", "true"]
+    """Entry point of ``train.py``. Without a subcommand: fit ``configs/default.yaml`` (with any options
+    given as overrides) and test the best model."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0].startswith("-"):
+        rewritten = default_args(argv)
+        if rewritten is not None and args is None:
+            sys.argv[1:] = rewritten  # the full command (DDP re-launches sys.argv in its worker processes)
+        elif rewritten is not None:
+            args = rewritten
     try:
-        cli = HopformerCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-        )
+        with quiet_known_warnings(explicit_args=args is not None):
+            cli = HopformerCLI(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                auto_configure_optimizers=False,
+            )
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
