@@ -112,6 +112,7 @@ class HopformerCLI(LightningCLI):
             torch.set_num_threads(int(cfg.threads))
         root = cfg.trainer.default_root_dir or "runs"
         os.environ.setdefault("WANDB_DIR", str(root))
+        _note_new_dir(Path(os.environ["WANDB_DIR"]))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
     def instantiate_classes(self) -> None:
@@ -196,6 +197,38 @@ def quiet_known_warnings(explicit_args: bool) -> Iterator[None]:
         yield
 
 
+_NEW_DIRS: list[Path] = []  # folders this process created before the work started (removed again if left empty)
+
+
+def _note_new_dir(path: Path) -> None:
+    """Remember the top-most missing folder of ``path`` (it is about to be created)."""
+    top = None
+    path = path.absolute()
+    while not path.exists():
+        top, path = path, path.parent
+    if top is not None:
+        _NEW_DIRS.append(top)
+
+
+@contextlib.contextmanager
+def _short_errors(command_line: bool) -> Iterator[None]:
+    """Missing data and failed downloads: remove the empty folders the run created, and on the command line
+    print the message as one line (exit status 1) instead of a traceback; ``main(args)`` callers get the exception."""
+    from hopformer.data.errors import DownloadError, remove_if_created_empty
+
+    try:
+        yield
+    except (FileNotFoundError, DownloadError) as err:
+        for folder in _NEW_DIRS:
+            remove_if_created_empty(folder, existed=False)
+        if not command_line:
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        _NEW_DIRS.clear()
+
+
 def _plain_progress() -> ProgressBar:
     from hopformer.training.progress import PlainProgressBar
 
@@ -238,7 +271,7 @@ def main(args: list[str] | None = None) -> HopformerCLI:
         elif rewritten is not None:
             args = rewritten
     try:
-        with quiet_known_warnings(explicit_args=args is not None):
+        with quiet_known_warnings(explicit_args=args is not None), _short_errors(command_line=args is None):
             cli = HopformerCLI(
                 L.LightningModule,
                 L.LightningDataModule,

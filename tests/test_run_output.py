@@ -162,3 +162,46 @@ def test_cli_run_raises_no_warnings(tmp_path):
     messages = [f"{w.category.__name__}: {w.message}" for w in caught
                 if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
     assert messages == []
+
+
+def test_offline_download_is_one_line_and_leaves_no_folders(tmp_path, monkeypatch, capsys):
+    """`python train.py fit --config configs/forecast_default.yaml --data.init_args.download true` offline."""
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(ROOT / "configs" / "forecast_default.yaml"),
+                                      "--data.init_args.download", "true"])
+    with pytest.raises(SystemExit) as err:
+        cli.main()
+    assert err.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: could not download") and "--data.init_args.root" in message
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no empty data/ or runs/forecast_default/
+
+
+def test_missing_ett_file_names_the_root_option(tmp_path):
+    from hopformer.data import TimeSeriesDataModule
+
+    with pytest.raises(FileNotFoundError, match=r"--data\.init_args\.root"):
+        TimeSeriesDataModule("ETTh1", root=str(tmp_path / "nowhere"), input_len=5, horizon=2).prepare_data()
+
+
+def test_cifar10_offline_mentions_the_folder_configs(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    from hopformer.data import CIFAR10DataModule
+    from hopformer.data.errors import DownloadError
+
+    with pytest.raises(FileNotFoundError, match=r"configs/cifar10_folder_\*\.yaml"):
+        CIFAR10DataModule(str(tmp_path / "nowhere"), download=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(DownloadError, match=r"cifar10_folder_\*\.yaml"):
+        CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
+    assert not (tmp_path / "data").exists()
