@@ -13,7 +13,8 @@ What this CLI adds to ``LightningCLI``:
 - Loggers: unless ``trainer.logger`` is set, a ``CSVLogger`` and a ``TensorBoardLogger`` both writing
   to ``<trainer.default_root_dir>/version_<n>`` (default root ``runs/``). wandb through the config
   (``lightning.pytorch.loggers.WandbLogger`` with ``offline: true``, or ``WANDB_MODE=offline``);
-  ``WANDB_DIR`` defaults to the run root so nothing is written to ``~/.cache``.
+  ``WANDB_DIR`` defaults to the run root, ``WANDB_CACHE_DIR``/``WANDB_DATA_DIR`` to ``<root>/wandb/{cache,data}``,
+  so nothing is written to ``~/.cache`` or ``~/.local/share``.
 - Callbacks: ``RichProgressBar`` (unless ``trainer.enable_progress_bar: false``),
   ``LearningRateMonitor`` (when logging), and ``ModelCheckpoint`` configured under ``checkpoint:``
   whose ``monitor``/``mode`` default to the module class attributes ``monitor``/``monitor_mode``
@@ -112,6 +113,8 @@ class HopformerCLI(LightningCLI):
             torch.set_num_threads(int(cfg.threads))
         root = cfg.trainer.default_root_dir or "runs"
         os.environ.setdefault("WANDB_DIR", str(root))
+        for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # else wandb writes under ~/.cache and ~/.local/share
+            os.environ.setdefault(var, str(Path(root) / "wandb" / var.split("_")[1].lower()))
         _note_new_dir(Path(os.environ["WANDB_DIR"]))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
