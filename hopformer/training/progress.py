@@ -62,7 +62,7 @@ class PlainProgressBar(ProgressBar):
         self._loop_start = 0.0
         self._steps_done = 0
         self._samples_done = 0
-        self._last_batch_size: int | None = None
+        self._total: float | None = None
 
     # ---------------------------------------------------------------- ProgressBar interface
     def disable(self) -> None:
@@ -86,8 +86,10 @@ class PlainProgressBar(ProgressBar):
         return "  ".join(f"{k} {_format_value(v)}" for k, v in items.items())
 
     def _total_steps(self, trainer: L.Trainer) -> float:
-        total = trainer.estimated_stepping_batches
-        return float(total) if total is not None else math.inf
+        if self._total is None:  # once per fit: Lightning may load the train dataloader to estimate it
+            total = trainer.estimated_stepping_batches
+            self._total = float(total) if total is not None else math.inf
+        return self._total
 
     def _train_line(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str = "fit") -> str:
         now = time.monotonic()
@@ -129,6 +131,7 @@ class PlainProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.monotonic()
         self._steps_done = self._samples_done = 0
+        self._total = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
