@@ -27,12 +27,11 @@ What this CLI adds to ``LightningCLI``:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -184,8 +183,7 @@ class HopformerCLI(LightningCLI):
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
 
 
-@contextlib.contextmanager
-def quiet_known_warnings(explicit_args: bool) -> Iterator[None]:
+def filter_known_warnings(explicit_args: bool) -> None:
     """The one place where the CLI silences warnings, each understood and harmless here.
 
     - Lightning 2.6's ``utilities/_pytree.py`` calls ``isinstance(treespec, LeafSpec)``, deprecated in
@@ -193,11 +191,9 @@ def quiet_known_warnings(explicit_args: bool) -> Iterator[None]:
     - ``main(args=[...])`` (tests, ``hopformer.compare``) passes the complete command; LightningCLI warns
       that ``sys.argv`` (e.g. pytest's own arguments) is also set, which it then ignores.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-        if explicit_args:
-            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
-        yield
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    if explicit_args:
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
 
 
 _NEW_DIRS: list[Path] = []  # folders this process created before the work started (removed again if left empty)
@@ -213,23 +209,18 @@ def _note_new_dir(path: Path) -> None:
         _NEW_DIRS.append(top)
 
 
-@contextlib.contextmanager
-def _short_errors(command_line: bool) -> Iterator[None]:
-    """Missing data and failed downloads: remove the empty folders the run created, and on the command line
+def _short_error(err: OSError, command_line: bool) -> None:
+    """Missing data or a failed download: remove the empty folders the run created, then on the command line
     print the message as one line (exit status 1) instead of a traceback; ``main(args)`` callers get the exception."""
-    from hopformer.data.errors import DownloadError, remove_if_created_empty
+    from hopformer.data.errors import remove_if_created_empty
 
-    try:
-        yield
-    except (FileNotFoundError, DownloadError) as err:
-        for folder in _NEW_DIRS:
-            remove_if_created_empty(folder, existed=False)
-        if not command_line:
-            raise
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        _NEW_DIRS.clear()
+    for folder in _NEW_DIRS:
+        remove_if_created_empty(folder, existed=False)
+    _NEW_DIRS.clear()
+    if not command_line:
+        raise err
+    print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 def _plain_progress() -> ProgressBar:
@@ -266,6 +257,7 @@ def default_args(argv: list[str]) -> list[str] | None:
 def main(args: list[str] | None = None) -> HopformerCLI:
     """Entry point of ``train.py``. Without a subcommand: fit ``configs/default.yaml`` (with any options
     given as overrides) and test the best model."""
+    _NEW_DIRS.clear()
     argv = sys.argv[1:] if args is None else list(args)
     if not argv or argv[0].startswith("-"):
         rewritten = default_args(argv)
@@ -273,18 +265,20 @@ def main(args: list[str] | None = None) -> HopformerCLI:
             sys.argv[1:] = rewritten  # the full command (DDP re-launches sys.argv in its worker processes)
         elif rewritten is not None:
             args = rewritten
+    filter_known_warnings(explicit_args=args is not None)
     try:
-        with quiet_known_warnings(explicit_args=args is not None), _short_errors(command_line=args is None):
-            cli = HopformerCLI(
-                L.LightningModule,
-                L.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                seed_everything_default=0,
-                save_config_kwargs={"overwrite": True},
-                args=args,
-                auto_configure_optimizers=False,
-            )
+        cli = HopformerCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except (FileNotFoundError, ConnectionError) as err:  # missing data, failed download (DownloadError)
+        _short_error(err, command_line=args is None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
