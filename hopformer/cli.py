@@ -99,6 +99,15 @@ class HopformerCLI(LightningCLI):
                        "(the options override it) and tests the best checkpoint")
         action._jsonargparse_preexpanded_help = True
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None:
+            return super().parse_arguments(parser, args)
+        # An explicit command (tests, hopformer.compare, main(args)) replaces sys.argv, which then belongs to
+        # someone else (e.g. pytest): LightningCLI's warning about both being set does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+            return super().parse_arguments(parser, args)
+
     def _subconfig(self, config: Any) -> Any:
         return config.get(str(self.subcommand), config) if self.subcommand else config
 
@@ -183,17 +192,16 @@ class HopformerCLI(LightningCLI):
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
 
 
-def filter_known_warnings(explicit_args: bool) -> None:
+def filter_known_warnings() -> None:
     """The one place where the CLI silences warnings, each understood and harmless here.
 
     - Lightning 2.6's ``utilities/_pytree.py`` calls ``isinstance(treespec, LeafSpec)``, deprecated in
       torch >= 2.10: a Lightning/torch version pairing, nothing a user can change.
-    - ``main(args=[...])`` (tests, ``hopformer.compare``) passes the complete command; LightningCLI warns
-      that ``sys.argv`` (e.g. pytest's own arguments) is also set, which it then ignores.
+
+    (LightningCLI's warning about ``args`` and ``sys.argv`` both set is handled in
+    ``HopformerCLI.parse_arguments``.)
     """
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    if explicit_args:
-        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
 
 
 _NEW_DIRS: list[Path] = []  # folders this process created before the work started (removed again if left empty)
@@ -265,7 +273,7 @@ def main(args: list[str] | None = None) -> HopformerCLI:
             sys.argv[1:] = rewritten  # the full command (DDP re-launches sys.argv in its worker processes)
         elif rewritten is not None:
             args = rewritten
-    filter_known_warnings(explicit_args=args is not None)
+    filter_known_warnings()
     try:
         cli = HopformerCLI(
             L.LightningModule,
