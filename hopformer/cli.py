@@ -13,7 +13,8 @@ What this CLI adds to ``LightningCLI``:
 - Loggers: unless ``trainer.logger`` is set, a ``CSVLogger`` and a ``TensorBoardLogger`` both writing
   to ``<trainer.default_root_dir>/version_<n>`` (default root ``runs/``). wandb through the config
   (``lightning.pytorch.loggers.WandbLogger`` with ``offline: true``, or ``WANDB_MODE=offline``);
-  ``WANDB_DIR`` defaults to the run root so nothing is written to ``~/.cache``.
+  ``WANDB_DIR`` defaults to the run root, ``WANDB_CACHE_DIR``/``WANDB_DATA_DIR`` to ``<root>/wandb/{cache,data}``,
+  so nothing is written to ``~/.cache`` or ``~/.local/share``.
 - Callbacks: ``RichProgressBar`` (unless ``trainer.enable_progress_bar: false``),
   ``LearningRateMonitor`` (when logging), and ``ModelCheckpoint`` configured under ``checkpoint:``
   whose ``monitor``/``mode`` default to the module class attributes ``monitor``/``monitor_mode``
@@ -36,13 +37,14 @@ import copy
 import os
 import sys
 from datetime import timedelta
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -127,10 +129,32 @@ class HopformerCLI(LightningCLI):
             help="also save checkpoints/last.ckpt every this many minutes within an epoch, so a run killed "
             "mid-epoch resumes from minutes ago (null or 0: at the end of each epoch only)",
         )
+        parser.add_argument(
+            "--threads",
+            type=Optional[int],
+            default=None,
+            help="torch CPU threads (torch.set_num_threads) before any work; 1 is fastest on a machine shared "
+            "with other jobs (README, Performance tips). Default: torch's choice (the number of cores)",
+        )
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # main() runs `fit` when no subcommand is given: say so instead of jsonargparse's "(required)"
+        parser.description = "hopformer: train, validate, test or predict with a config from configs/ (hopformer/cli.py)"
+        action = parser._subcommands_action
+        action.help = ("optional: without one, `python train.py [--option value ...]` fits configs/default.yaml "
+                       "(the options override it) and tests the best checkpoint")
+        action._jsonargparse_preexpanded_help = True
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
-        super().parse_arguments(parser, args)
+        if args is None:
+            return super().parse_arguments(parser, args)
+        # An explicit command (tests, hopformer.compare, main(args)) replaces sys.argv, which then belongs to
+        # someone else (e.g. pytest): LightningCLI's warning about both being set does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+            return super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model options by the checkpoint's hyperparameters; explicit ``--model.*``
@@ -168,8 +192,13 @@ class HopformerCLI(LightningCLI):
         if cfg.get("checkpoint") is not None and cfg.checkpoint.monitor is None and model_cls is not None:
             cfg.checkpoint.monitor = getattr(model_cls, "monitor", None)
             cfg.checkpoint.mode = getattr(model_cls, "monitor_mode", cfg.checkpoint.mode)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
         root = cfg.trainer.default_root_dir or "runs"
         os.environ.setdefault("WANDB_DIR", str(root))
+        for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # else wandb writes under ~/.cache and ~/.local/share
+            os.environ.setdefault(var, str(Path(root) / "wandb" / var.split("_")[1].lower()))
+        _note_new_dir(Path(os.environ["WANDB_DIR"]))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
     def instantiate_classes(self) -> None:
@@ -202,7 +231,9 @@ class HopformerCLI(LightningCLI):
             _claim_for_user_loggers(logger, ckpt_path)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(RichProgressBar() if sys.stdout.isatty() else _plain_progress())  # plain lines in logs
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(_prediction_writer())  # predictions.csv / forecast.npy in the run folder
         if trainer_cfg.get("logger") is not False and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
@@ -235,11 +266,12 @@ class HopformerCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self._subconfig(self.config).get("test_after_fit", False):
             return
-        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+        # the best checkpoint's path (ckpt_path="best" warns when a second ModelCheckpoint keeps last.ckpt)
+        ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
         val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         test = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         if self.trainer.is_global_zero:
-            where = self.trainer.checkpoint_callback.best_model_path if ckpt else "last weights"
+            where = ckpt or "last weights"
             print(f"\nBest checkpoint: {where}")
             for name, results in (("validation", val), ("test", test)):
                 for key, value in sorted((results[0] if results else {}).items()):
@@ -249,12 +281,88 @@ class HopformerCLI(LightningCLI):
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
 
 
+def filter_known_warnings() -> None:
+    """The one place where the CLI silences warnings, each understood and harmless here.
+
+    - Lightning 2.6's ``utilities/_pytree.py`` calls ``isinstance(treespec, LeafSpec)``, deprecated in
+      torch >= 2.10: a Lightning/torch version pairing, nothing a user can change.
+
+    (LightningCLI's warning about ``args`` and ``sys.argv`` both set is handled in
+    ``HopformerCLI.parse_arguments``.)
+    """
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+_NEW_DIRS: list[Path] = []  # folders this process created before the work started (removed again if left empty)
+
+
+def _note_new_dir(path: Path) -> None:
+    """Remember the top-most missing folder of ``path`` (it is about to be created)."""
+    top = None
+    path = path.absolute()
+    while not path.exists():
+        top, path = path, path.parent
+    if top is not None:
+        _NEW_DIRS.append(top)
+
+
+def _short_error(err: OSError, command_line: bool) -> None:
+    """Missing data or a failed download: remove the empty folders the run created, then on the command line
+    print the message as one line (exit status 1) instead of a traceback; ``main(args)`` callers get the exception."""
+    from hopformer.data.errors import remove_if_created_empty
+
+    for folder in _NEW_DIRS:
+        remove_if_created_empty(folder, existed=False)
+    _NEW_DIRS.clear()
+    if not command_line:
+        raise err
+    print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _plain_progress() -> ProgressBar:
+    from hopformer.training.progress import PlainProgressBar
+
+    return PlainProgressBar()
+
+
+def _prediction_writer() -> BasePredictionWriter:
+    from hopformer.training.predictions import PredictionWriter
+
+    return PredictionWriter()
+
+
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_TOP_LEVEL = ("-h", "--help", "--version")
+
+
+def default_args(argv: list[str]) -> list[str] | None:
+    """The arguments for a call without a subcommand (``python train.py [--option value ...]``), else ``None``.
+
+    No arguments, or only options: ``fit`` on ``configs/default.yaml`` then test (as a bare ``python
+    train.py``), with the options as overrides; with ``--config`` given, ``fit`` on that config.
+    """
+    if any(a in _SUBCOMMANDS for a in argv) or any(a in _TOP_LEVEL for a in argv):
+        return None
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in argv):
+        return ["fit", *argv]
+    if not DEFAULT_CONFIG.is_file():
+        raise FileNotFoundError(f"default config not found at '{DEFAULT_CONFIG}'; pass a subcommand and --config")
+    return ["fit", "--config", str(DEFAULT_CONFIG), "--test_after_fit", "true", *argv]
+
+
 def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
-    """Entry point of ``train.py``. With no arguments: fit ``configs/default.yaml`` and test the best model."""
-    if args is None and len(sys.argv) <= 1:
-        if not DEFAULT_CONFIG.is_file():
-            raise FileNotFoundError(f"default config not found at '{DEFAULT_CONFIG}'; pass a subcommand and --config")
-        args = ["fit", "--config", str(DEFAULT_CONFIG), "--test_after_fit", "true"]
+    """Entry point of ``train.py``. Without a subcommand: fit ``configs/default.yaml`` (with any options
+    given as overrides) and test the best model."""
+    _NEW_DIRS.clear()
+    argv = sys.argv[1:] if args is None else list(args)
+    if run and (not argv or argv[0].startswith("-")):  # run=False parses without subcommands
+        rewritten = default_args(argv)
+        if rewritten is not None and args is None:
+            sys.argv[1:] = rewritten  # the full command (DDP re-launches sys.argv in its worker processes)
+        elif rewritten is not None:
+            args = rewritten
+    filter_known_warnings()
     try:
         cli = HopformerCLI(
             L.LightningModule,
@@ -267,11 +375,12 @@ def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
             run=run,
             auto_configure_optimizers=False,
         )
+    except (FileNotFoundError, ConnectionError) as err:  # missing data, failed download (DownloadError)
+        _short_error(err, command_line=args is None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
     return cli
-
 
 
 if __name__ == "__main__":  # python -m hopformer.cli (used by hopformer.compare)

@@ -174,7 +174,8 @@ def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train").is_dir(), reason="../shared/data/cifar10 not present")
 def test_shared_cifar10_folder_split():
     dm = ImageFolderDataModule(str(SHARED_DATA / "cifar10" / "train"), val_size=5000, train_subset=1000, batch_size=8)
-    dm.setup()
+    with pytest.warns(UserWarning, match="no test_root given"):
+        dm.setup()
     assert dm.num_classes == 10 and len(dm.val_set) == 5000 and len(dm.train_set) == 1000
     x, _ = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 32, 32)

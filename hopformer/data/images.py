@@ -27,6 +27,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from .errors import DownloadError, remove_if_created_empty
+
 __all__ = [
     "EpochSeededSampler",
     "ImageDataModule",
@@ -251,7 +253,8 @@ class CIFAR10DataModule(ImageDataModule):
     num_classes, image_size = 10, 32
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     folder = "cifar-10-batches-py"
-    how_to_get = "Set data.init_args.download=true (needs network) or copy the torchvision CIFAR files there."
+    how_to_get = ("Set data.init_args.download=true (needs network), copy the torchvision CIFAR files there, or "
+                  "train from an ImageFolder copy (one folder per class) with configs/cifar10_folder_*.yaml.")
 
     def __init__(self, root: str = "data", download: bool = False, **kwargs) -> None:
         super().__init__(root=root, **kwargs)
@@ -267,14 +270,17 @@ class CIFAR10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
+            existed = self.root.exists()
             try:
                 self._dataset_class()(str(self.root), train=True, download=True)
                 self._dataset_class()(str(self.root), train=False, download=True)
             except Exception as err:  # URLError, socket errors, ...
-                raise RuntimeError(
+                remove_if_created_empty(self.root, existed)
+                raise DownloadError(
                     f"{type(self).__name__}: download to '{self.root}' failed ({err!r}). Without network, "
-                    f"copy the torchvision files to '{self.root / self.folder}' and set download=false."
-                ) from err
+                    f"copy the torchvision files to '{self.root / self.folder}' and set download=false"
+                    + (" (or use configs/cifar10_folder_*.yaml with an ImageFolder copy)." if self.num_classes == 10 else ".")
+                ) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -292,6 +298,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
     num_classes = 100
     mean, std = CIFAR100_MEAN, CIFAR100_STD
     folder = "cifar-100-python"
+    how_to_get = "Set data.init_args.download=true (needs network) or copy the torchvision CIFAR files there."
 
     def _dataset_class(self):
         from torchvision.datasets import CIFAR100

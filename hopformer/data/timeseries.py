@@ -29,6 +29,8 @@ import torch
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DownloadError, remove_if_created_empty
+
 __all__ = ["DatasetInfo", "DATASETS", "TimeSeriesDataModule", "WindowDataset", "time_features", "split_borders"]
 
 
@@ -212,13 +214,18 @@ class TimeSeriesDataModule(L.LightningDataModule):
             return
         info = DATASETS.get(self.name)
         if not self.hparams.download or info is None:
-            hint = f"pass download=True to fetch it from {info.url}" if info else "check the path"
+            hint = (f"point --data.init_args.root at the folder holding {self.path.name} (or --data.init_args.path at "
+                    f"the file), or pass download=True (--data.init_args.download true) to fetch it from {info.url}"
+                    if info else "check --data.init_args.path")
             raise FileNotFoundError(f"{self.name} data not found at {self.path.resolve()}; {hint}")
+        existed = self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(info.url, str(self.path), progress=False)
         except Exception as err:  # offline, proxy, 404: say where we looked and what failed
-            raise RuntimeError(f"could not download {info.url} to {self.path.resolve()}: {err}") from err
+            remove_if_created_empty(self.path.parent, existed)
+            raise DownloadError(f"could not download {info.url} to {self.path.resolve()} ({err}); without network, copy "
+                                f"{self.path.name} into a folder and point --data.init_args.root at it") from None
 
     def read_frame(self) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
         """Read and validate the CSV: a date column, numeric columns, no missing values."""

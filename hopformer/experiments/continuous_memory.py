@@ -43,6 +43,7 @@ from ..functional.continuous import (
     trapezoid_rule,
 )
 from . import add_common_arguments, run_dir
+from .reporting import RunReport, print_table, progress
 from .sequence_memory import cifar_movie
 
 
@@ -160,30 +161,46 @@ def energy_contours(path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+EXPECTED_TIME = ("Expected time: about 1-2 minutes with the defaults on 1 CPU thread; --full takes tens of minutes "
+                 "(run it under flock /tmp/hopformer-heavy.lock on a shared machine).")
+RESULT_COLUMNS = ("source", "corruption", "L", "N", "continuous_mean", "discrete-sub_mean", "discrete-L_mean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hopformer.experiments.continuous_memory",
+                                     description=__doc__.split("\n")[0], epilog=EXPECTED_TIME,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="memory sizes L")
     parser.add_argument("--num-basis", type=int, nargs="+", default=[16, 64, 256], help="basis sizes N (<= L)")
     parser.add_argument("--sets", type=int, default=4, help="memory sets (videos) per source")
     parser.add_argument("--queries", type=int, default=128, help="queries per set (memories picked evenly)")
     parser.add_argument("--beta", type=float, nargs="+", default=None,
-                        help="inverse temperature per source (default 4 / sqrt(D) ... see docs)")
-    parser.add_argument("--steps", type=int, default=1)
+                        help="inverse temperature (first value used for every source; default 4 / sqrt(D))")
+    parser.add_argument("--steps", type=int, default=1, help="retrieval (update) steps of every memory")
     parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 3.0], help="noise std in units of the data std")
-    parser.add_argument("--ridge", type=float, default=1e-3)
-    parser.add_argument("--sources", nargs="+", default=["synthetic", "etth1", "cifar-pan"])
+    parser.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of the continuous memory's fit (eq. 5)")
+    parser.add_argument("--sources", nargs="+", default=["synthetic", "etth1", "cifar-pan"],
+                        help="signal sources (missing data sources are skipped)")
     parser.add_argument("--gaussian", action="store_true", help="also Gaussian RBFs with the trapezoid rule")
     parser.add_argument("--full", action="store_true", help="L up to 4096, N up to 1024, 8 sets, Gaussian RBFs")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.full:
         args.lengths, args.num_basis, args.sets, args.gaussian = [512, 1024, 2048, 4096], [16, 64, 256, 1024], 8, True
-    out = run_dir(args.out, "continuous_memory")
+    out = run_dir("continuous_memory", args)
+    report = RunReport("continuous_memory", out)
     energy_contours(out / "energy_contours.png")
 
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
+    kinds = ["mask"] + [f"noise{k:g}" for k in args.noise]
+    total = len(args.sources) * sum(len(kinds) * sum(n <= length for n in args.num_basis) for length in args.lengths)
+    bar = progress(total=total, desc="continuous memory", disable=args.no_progress)
     for source in args.sources:
         for length in args.lengths:
             if source == "synthetic":
@@ -195,12 +212,14 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 data = cifar_signals(args.data_dir, args.sets, length, seed=args.seed)
             if data is None:
-                print(f"skipping {source}: data not found")
+                bar.write(f"skipping {source}: data not found under --data-dir {args.data_dir}")
+                rest = args.lengths[args.lengths.index(length):]
+                bar.update(len(kinds) * sum(n <= rest_l for rest_l in rest for n in args.num_basis))
                 break
             dim = data.shape[-1]
             beta = 4.0 / dim**0.5 if args.beta is None else args.beta[0]
             pick = torch.linspace(0, length - 1, min(args.queries, length)).round().long()
-            for kind in ["mask"] + [f"noise{k:g}" for k in args.noise]:
+            for kind in kinds:
                 queries = corrupt(data, kind, gen)[:, pick]
                 for n in args.num_basis:
                     if n > length:
@@ -214,7 +233,10 @@ def main(argv: list[str] | None = None) -> Path:
                     for k, v in scores.items():
                         row[f"{k}_mean"], row[f"{k}_std"] = float(np.mean(v)), float(np.std(v))
                     rows.append(row)
-                    print({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+                    bar.update()
+    bar.close()
+    print_table(rows, "mean cosine similarity to the uncorrupted memory (higher is better; std in retrieval.csv)",
+                columns=[c for c in RESULT_COLUMNS if any(c in r for r in rows)])
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else 99)
     with open(out / "retrieval.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> Path:
             fig.tight_layout()
             fig.savefig(out / f"cosine_{source}_{kind}.png", dpi=110)
             plt.close(fig)
-    print(f"wrote {out}")
+    report.finish(vars(args), {"retrieval": rows})
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..layers.sequence_memory import TemporalSequenceMemory
 from . import add_common_arguments, run_dir
+from .reporting import RunReport, print_table, progress
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -111,22 +112,36 @@ def _timed(memory, solver, **kw):
     return result, time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+EXPECTED_TIME = ("Expected time: about 2 minutes with the defaults on 1 CPU thread (most of it in L-BFGS-B and the "
+                 "timing sweep); --full takes much longer (run it under flock /tmp/hopformer-heavy.lock on a shared machine).")
+SENSITIVITY_GRID = [(lambda_f, sigma) for lambda_f in (0.0, 0.1, 1.0, 10.0, 100.0, 500.0) for sigma in (0.5, 1.0, 2.0, 5.0)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hopformer.experiments.sequence_memory",
+                                     description=__doc__.split("\n")[0], epilog=EXPECTED_TIME,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--frames", type=int, default=2000, help="frames of the main movie (paper: up to 2000)")
     parser.add_argument("--scene-length", type=int, default=200, help="frames between scene cuts")
     parser.add_argument("--faithful-frames", type=int, default=500, help="frames retrieved with L-BFGS-B (slow)")
-    parser.add_argument("--sensitivity-frames", type=int, default=300)
-    parser.add_argument("--timing", type=int, nargs="+", default=[250, 500, 1000, 2000])
+    parser.add_argument("--sensitivity-frames", type=int, default=300,
+                        help="frames of the lambda_f x sigma sensitivity grid (sequential CCCP)")
+    parser.add_argument("--timing", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                        help="sequence lengths N of the time-per-frame sweep")
     parser.add_argument("--lbfgs-timing-max", type=int, default=1000, help="largest N timed with L-BFGS-B")
     parser.add_argument("--full", action="store_true", help="bigger runs: faithful on all frames, N up to 8000")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.full:
         args.faithful_frames, args.lbfgs_timing_max = args.frames, 4000
         args.timing = sorted(set(args.timing + [4000, 8000]))
-    out = run_dir(args.out, "sequence_memory")
+    out = run_dir("sequence_memory", args)
+    report = RunReport("sequence_memory", out)
     frames, scenes = cifar_movie(max(args.frames, max(args.timing)), scene_length=args.scene_length,
                                  data_dir=args.data_dir, seed=args.seed)
     source = "cifar10-pan" if args.data_dir is not None and (args.data_dir / "cifar10" / "train").is_dir() else "synthetic"
@@ -138,27 +153,37 @@ def main(argv: list[str] | None = None) -> Path:
     cut = args.scene_length if args.frames > args.scene_length else 1
     traced = (1, cut, min(cut + 1, args.frames - 1))
     rows = []
+    stages = progress(total=4, desc="retrieval: CCCP batched", disable=args.no_progress)
     fast, t_fast = _timed(memory, "cccp")
     fast.energy = memory.step_energies(fast.states)
     rows.append({"solver": "cccp-batched", "frames": args.frames, "seconds": t_fast, "sweeps": fast.iterations[0],
                  **evaluate(memory, main_frames, fast.states)})
     memory.batched = False
+    stages.update()
+    stages.set_description("retrieval: CCCP sequential")
     seq, t_seq = _timed(memory, "cccp", trace_steps=traced)
     rows.append({"solver": "cccp-sequential", "frames": args.frames, "seconds": t_seq,
                  "sweeps": float(np.mean(seq.iterations)), **evaluate(memory, main_frames, seq.states)})
     memory.batched = True
     n_f = min(args.faithful_frames, args.frames)
     faithful_memory = TemporalSequenceMemory(lambda_f=500.0, sigma=2.0).store(_centred(main_frames[:n_f]))
+    stages.update()
+    stages.set_description(f"retrieval: L-BFGS-B ({n_f} frames)")
     slow, t_slow = _timed(faithful_memory, "lbfgs", trace_steps=tuple(m for m in traced if m < n_f))
     slow.energy = faithful_memory.step_energies(slow.states)
     rows.append({"solver": "lbfgs-b", "frames": n_f, "seconds": t_slow, "sweeps": float(np.mean(slow.iterations)),
                  **evaluate(faithful_memory, main_frames[:n_f], slow.states)})
+    stages.update()
+    stages.set_description("retrieval: CCCP vs L-BFGS-B")
     agree = (slow.states - faithful_memory.retrieve(solver="cccp").states).abs().max().item()
+    stages.update()
+    stages.close()
     for row in rows:
         row["max_abs_diff_fast_vs_lbfgs"] = agree
     _write(out / "retrieval.csv", rows)
-    for row in rows:
-        print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()})
+    print_table(rows, "retrieval of the movie (accuracy: nearest stored frame is the target; MSE per frame)",
+                columns=["solver", "frames", "seconds", "sweeps", "accuracy", "mse_mean", "mse_max", "pixel_mse_mean",
+                         "max_abs_diff_fast_vs_lbfgs"])
 
     # 2. energy along the retrieval
     import matplotlib
@@ -186,13 +211,14 @@ def main(argv: list[str] | None = None) -> Path:
     # 3. sensitivity to lambda_f and sigma (sequential CCCP, the paper's step-by-step procedure)
     sens_frames = frames[: args.sensitivity_frames]
     sens = []
-    for lambda_f in (0.0, 0.1, 1.0, 10.0, 100.0, 500.0):
-        for sigma in (0.5, 1.0, 2.0, 5.0):
-            mem = TemporalSequenceMemory(lambda_f=lambda_f, sigma=sigma, batched=False, max_iter=200)
-            mem.store(_centred(sens_frames))
-            states = mem.retrieve().states
-            sens.append({"lambda_f": lambda_f, "sigma": sigma, **evaluate(mem, sens_frames, states)})
+    for lambda_f, sigma in progress(SENSITIVITY_GRID, desc="sensitivity lambda_f x sigma", disable=args.no_progress):
+        mem = TemporalSequenceMemory(lambda_f=lambda_f, sigma=sigma, batched=False, max_iter=200)
+        mem.store(_centred(sens_frames))
+        states = mem.retrieve().states
+        sens.append({"lambda_f": lambda_f, "sigma": sigma, **evaluate(mem, sens_frames, states)})
     _write(out / "sensitivity.csv", sens)
+    print_table(sens, f"sensitivity ({len(sens_frames)} frames, sequential CCCP)",
+                columns=["lambda_f", "sigma", "accuracy", "mse_mean", "pixel_mse_mean"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for sigma in (0.5, 1.0, 2.0, 5.0):
         sel = [r for r in sens if r["sigma"] == sigma]
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 4. time per frame as N grows
     timing = []
-    for n in args.timing:
+    for n in progress(args.timing, desc="timing per frame", disable=args.no_progress):
         mem = TemporalSequenceMemory(lambda_f=500.0, sigma=2.0).store(_centred(frames[:n]))
         entry = {"frames": n}
         for name, solver, batched in (("cccp-batched", "cccp", True), ("cccp-sequential", "cccp", False),
@@ -220,8 +246,8 @@ def main(argv: list[str] | None = None) -> Path:
             _, seconds = _timed(mem, solver)
             entry[f"{name}_ms_per_frame"] = 1e3 * seconds / n
         timing.append(entry)
-        print(entry)
     _write(out / "timing.csv", timing)
+    print_table(timing, "retrieval time per frame (ms; nan: not timed)")
     fig, ax = plt.subplots(figsize=(5, 4))
     for key in timing[0]:
         if key != "frames":
@@ -231,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
     fig.tight_layout()
     fig.savefig(out / "timing.png", dpi=120)
     plt.close(fig)
-    print(f"wrote {out}")
+    report.finish(vars(args), {"retrieval": rows, "sensitivity": sens, "timing": timing}, {"movie": source})
     return out
 
 

@@ -139,6 +139,9 @@ class ClassificationModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        channels, size = expected_input(self.model)
+        if channels and size:  # lets Lightning's model summary count FLOPs (else "Total FLOPs: 0")
+            self.example_input_array = torch.zeros(1, channels, *size)
 
     def _load_init(self, path: str) -> None:
         from ..models.vit import load_vit_state_dict
@@ -201,9 +204,11 @@ class ClassificationModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Predicted class and class probabilities (``predict`` writes them to ``predictions.csv``)."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).argmax(dim=-1)
+        probabilities = self(images).softmax(dim=-1)
+        return {"class": probabilities.argmax(dim=-1), "probabilities": probabilities}
 
     def _log_temperatures(self) -> None:
         """Log learnable alpha (entmax) and beta (inverse temperature), averaged over heads."""

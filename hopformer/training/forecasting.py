@@ -191,6 +191,14 @@ class ForecastingModule(L.LightningModule):
         self.val_metrics.update(pred, y)
         self.log_dict(self.val_metrics, prog_bar=True, batch_size=y.shape[0])
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """The forecast ``(B, H, C_out)``, and in the data's units when the scaler is known (``predict`` saves both)."""
+        pred = self._align(self.model(batch["x"]), batch["y"]) if "y" in batch else self.model(batch["x"])
+        out = {"forecast": pred}
+        if self.target_mean is not None:
+            out["forecast_original_scale"] = pred * self.target_std.to(pred) + self.target_mean.to(pred)
+        return out
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         pred, y = self._predict(batch)
         self.test_metrics.update(pred, y)
