@@ -198,6 +198,7 @@ class HopformerCLI(LightningCLI):
         os.environ.setdefault("WANDB_DIR", str(root))
         for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # else wandb writes under ~/.cache and ~/.local/share
             os.environ.setdefault(var, str(Path(root) / "wandb" / var.split("_")[1].lower()))
+        _note_new_dir(Path(root))  # the run folder is claimed later, when the trainer is built
         _note_new_dir(Path(os.environ["WANDB_DIR"]))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
