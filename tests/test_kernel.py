@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -272,3 +274,28 @@ def test_cache_with_grad_keeps_the_graph():
     layer(x)
     layer.separation_loss().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_clamp_condition_names_a_diverged_w_and_survives_an_svd_failure(monkeypatch):
+    """A NaN W is named (not LAPACK's 'failed to converge'); a float32 SVD failure on a finite W retries in float64."""
+    fmap = FeatureMap(8)
+    with torch.no_grad():
+        fmap.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="stage I diverged"):
+        fmap.clamp_condition_(10.0)
+    assert math.isnan(fmap.condition_number())
+
+    fmap = FeatureMap(8)
+    with torch.no_grad():
+        fmap.weight[0] *= 1e-3  # condition number 1000
+    svd = torch.linalg.svd
+
+    def flaky(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    assert fmap.clamp_condition_(10.0)
+    monkeypatch.undo()
+    assert fmap.condition_number() == pytest.approx(10.0, rel=1e-4)

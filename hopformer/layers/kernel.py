@@ -92,7 +92,13 @@ class FeatureMap(nn.Module):
     @torch.no_grad()
     def condition_number(self) -> float:
         """``sigma_max(W) / sigma_min(W)``; ``inf`` when ``W`` lost rank (breaks Assumption 2.1)."""
-        s = torch.linalg.svdvals(self.weight.detach().float())
+        w = self.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            return float("nan")
+        try:
+            s = torch.linalg.svdvals(w.float())
+        except RuntimeError:  # float32 LAPACK failed to converge: retry in float64
+            s = torch.linalg.svdvals(w.double())
         return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
 
     @torch.no_grad()
@@ -104,7 +110,14 @@ class FeatureMap(nn.Module):
         """
         if not max_condition >= 1:
             raise ValueError(f"max_condition must be >= 1, got {max_condition!r}")
-        u, s, vh = torch.linalg.svd(self.weight.detach().float(), full_matrices=False)
+        w = self.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise FloatingPointError("FeatureMap weight W has non-finite entries: stage I diverged "
+                                     "(lower the U-Hop callback's lr or raise its max_condition guard)")
+        try:
+            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        except RuntimeError:  # LAPACK's float32 divide-and-conquer can fail to converge on a finite matrix
+            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         floor = s[0] / max_condition
         if bool(s[-1] >= floor):
             return False
