@@ -254,19 +254,33 @@ class HopformerCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _say_run_folder(self, when: str) -> None:
+        """Print where this run writes (logs, config.yaml, checkpoints, predictions), at its start and end."""
+        if self.trainer.is_global_zero:
+            print(f"{when} {self.subcommand}: run folder {Path(self.trainer.log_dir or self.trainer.default_root_dir).resolve()}",
+                  flush=True)
+
     def _check(self) -> None:
         check = getattr(self.model, "check_datamodule", None)
         if callable(check):
             check(self.datamodule)
+        self._say_run_folder("starting")
+
+    def _done(self) -> None:
+        self._say_run_folder("finished")
 
     before_validate = before_test = before_predict = _check
+    after_validate = after_test = after_predict = _done
 
     def before_fit(self) -> None:
         self._check()
 
     def after_fit(self) -> None:
-        if not self._subconfig(self.config).get("test_after_fit", False):
-            return
+        if self._subconfig(self.config).get("test_after_fit", False):
+            self._test_best()
+        self._done()
+
+    def _test_best(self) -> None:
         # the best checkpoint's path (ckpt_path="best" warns when a second ModelCheckpoint keeps last.ckpt)
         ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
         val = self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)

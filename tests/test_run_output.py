@@ -205,3 +205,15 @@ def test_cifar10_offline_mentions_the_folder_configs(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match=r"cifar10_folder_\*\.yaml"):
         CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("sub", ["fit", "predict"])
+def test_run_folder_is_printed_at_start_and_end(tmp_path, capsys, sub):
+    extra = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--test_after_fit", "false"] if sub == "fit" else []
+    cli.main([sub, "--config", str(DEFAULT), *QUIET, *extra, "--trainer.default_root_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    folder = (tmp_path / "version_0").resolve()
+    assert f"starting {sub}: run folder {folder}" in out
+    assert f"finished {sub}: run folder {folder}" in out
+    assert out.index(f"starting {sub}") < out.index(f"finished {sub}")
