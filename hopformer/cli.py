@@ -394,7 +394,7 @@ def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
         _short_error(err, command_line=args is None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # avoids rare aborts at exit under DDP (ENVIRONMENT.md)
+            torch.distributed.destroy_process_group()  # avoids rare 'terminate called' aborts at exit under gloo DDP
     return cli
 
 

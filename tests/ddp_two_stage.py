@@ -65,7 +65,7 @@ def main() -> None:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out / f"rank{trainer.global_rank}.pt")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()  # avoids rare aborts at exit (ENVIRONMENT.md)
+        dist.destroy_process_group()  # avoids rare aborts at exit under gloo
 
 
 if __name__ == "__main__":

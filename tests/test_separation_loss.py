@@ -46,7 +46,7 @@ def test_hand_computed_three_vectors():
 
 
 def test_average_equals_kernel_form_on_sphere():
-    """On the unit sphere log mean exp(-t ||u - v||^2) = log mean exp(2t (K - 1)) (SPEC 2)."""
+    """On the unit sphere log mean exp(-t ||u - v||^2) = log mean exp(2t (K - 1)) (U-Hop, Wu et al. 2024)."""
     torch.manual_seed(0)
     phi = torch.nn.functional.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
     k = phi @ phi.T

@@ -1,4 +1,4 @@
-"""Temporal-kernel sequence memory (Farooq 2025, SPEC section 4): kernel, energy, both solvers."""
+"""Temporal-kernel sequence memory (Farooq 2025, arXiv 2507.01052): kernel, energy, both solvers."""
 
 import csv
 

@@ -40,11 +40,11 @@ def _short(epochs: int, subset: int | None = None) -> list[str]:
 
 def test_default_config_learns_digits(tmp_path, capsys):
     """Short version of `python train.py`: U-Hop Hopfield ViT on digits, well above chance (10%)."""
-    run = _fit(tmp_path, "e2e", *_short(6), "--test_after_fit", "true")
+    run = _fit(tmp_path, "e2e", *_short(10), "--test_after_fit", "true")
     out = capsys.readouterr().out
     assert "validation accuracy" in out and "test accuracy" in out
     metrics = run.trainer.callback_metrics
-    assert float(metrics["test_acc"]) > 0.5, out  # 5x chance; 0.57 after 6 epochs on main at 4f296b5 (0.6 failed there)
+    assert float(metrics["test_acc"]) > 0.6, out  # 6x chance (0.57 after only 6 epochs, so the run has 10)
     assert "uhop/sep_loss" in (tmp_path / "e2e" / "version_0" / "metrics.csv").read_text()
     assert (tmp_path / "e2e" / "version_0" / "config.yaml").is_file()  # config saved with the run
     assert list((tmp_path / "e2e" / "version_0").glob("events.out.tfevents*"))  # TensorBoard
@@ -56,7 +56,7 @@ def test_default_config_learns_digits(tmp_path, capsys):
                         "--trainer.default_root_dir", str(tmp_path / sub)])
         assert res.trainer.state.finished, sub
         if key is not None:  # each subcommand checked, not only the last one
-            assert 0.5 < float(res.trainer.callback_metrics[key]) <= 1.0, (sub, res.trainer.callback_metrics)
+            assert 0.6 < float(res.trainer.callback_metrics[key]) <= 1.0, (sub, res.trainer.callback_metrics)
     predictions = torch.cat([p["class"] for p in res.trainer.predict_loop.predictions])
     assert predictions.shape == (360,) and predictions.dtype == torch.long  # one class per test image
     assert len(predictions.unique()) >= 5  # a trained model predicts many classes, not a constant

@@ -1,6 +1,6 @@
 """Time-series forecasting data: ETTh1/ETTh2/ETTm1/ETTm2, WTH and any CSV with a date column.
 
-Splits and scaling follow Informer / Crossformer / STanHop (SPEC section 5):
+Splits and scaling follow Informer / Crossformer / STanHop (Zhou et al. 2021; Zhang & Yan 2023; Wu et al. 2024):
 
 - ETTh*: 12 / 4 / 4 months of hourly rows (borders 0 / 8640 / 11520 / 14400);
 - ETTm*: the same months in 15-minute rows (borders x 4);

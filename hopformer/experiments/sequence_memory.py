@@ -1,4 +1,4 @@
-"""Temporal-kernel sequence memory on movies of real images (Farooq 2025; SPEC section 4).
+"""Temporal-kernel sequence memory on movies of real images (Farooq 2025, arXiv 2507.01052).
 
 A "movie" is a slow pan (one pixel per frame) of a 32x32 window across 64x64 mosaics of four
 CIFAR-10 images, with a scene cut (a new mosaic) every ``--scene-length`` frames: consecutive frames

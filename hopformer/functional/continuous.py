@@ -1,4 +1,4 @@
-"""Continuous-time memories for modern Hopfield networks (Santos et al. 2025, SPEC section 3).
+"""Continuous-time memories for modern Hopfield networks (Santos et al. 2025, arXiv 2502.10122).
 
 ``L`` discrete memories ``X = [x_1 .. x_L]`` at evenly spaced positions ``t_l`` in [0, 1] are
 compressed into ``N`` coefficients ``B`` of basis functions ``psi(t)`` by ridge regression (eq. 5)::

@@ -1,4 +1,4 @@
-"""The one retrieval step and the one energy shared by every Hopfield layer (SPEC section 1).
+"""The one retrieval step and the one energy shared by every Hopfield layer (Ramsauer et al. 2020; Hu et al. 2023; Wu et al. 2024).
 
 Retrieval (Ramsauer et al. 2020, eq. 3; Hu et al. 2023, eq. 3.4; Wu et al. 2024, eq. 3.3)::
 
@@ -190,7 +190,7 @@ def hopfield_energy(
 ) -> Tensor:
     """Energy ``E(x) = -(1/beta) Psi*(beta K x) + 0.5 <x, x>`` of each state pattern, shape ``(..., n)``.
 
-    ``Psi*`` is the convex conjugate of the separation's regulariser (SPEC section 1 table):
+    ``Psi*`` is the convex conjugate of the separation's regulariser (softmax: log-sum-exp, Ramsauer et al. 2020; sparsemax: Hu et al. 2023; alpha-entmax: Tsallis conjugate, Wu et al. 2024):
     log-sum-exp for softmax (Ramsauer et al. eq. 2), the sparsemax conjugate (Hu et al. eq. 3.1),
     and the Tsallis alpha-entmax conjugate (Wu et al. 2024, eq. 3.1). Along
     :func:`hopfield_retrieve` steps with values = keys the energy is non-increasing.

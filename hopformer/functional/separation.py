@@ -1,4 +1,4 @@
-"""Separation maps of the modern Hopfield core (SPEC section 1): weights on the simplex from scores.
+"""Separation maps of the modern Hopfield core (Martins & Astudillo 2016; Peters et al. 2019; Hu et al. 2023; Wu et al. 2024): weights on the simplex from scores.
 
     softmax(z)      = argmax_{p in simplex} <p, z> + H^S(p)           (dense, Ramsauer et al. 2020)
     sparsemax(z)    = argmin_{p in simplex} ||p - z||^2                (Martins & Astudillo 2016)

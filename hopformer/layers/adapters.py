@@ -213,6 +213,6 @@ class HopfieldAttention(_HopfieldOptions, Attention):
         return (out, weights) if return_association else out
 
     def energy(self, x: Tensor) -> Tensor:
-        """Energy of each token's query against the tokens' keys, ``(B, heads, N)`` (SPEC section 1)."""
+        """Energy of each token's query against the tokens' keys, ``(B, heads, N)`` (Ramsauer et al. 2020; Hu et al. 2023; Wu et al. 2024)."""
         q, k, _ = self._qkv(x)
         return hopfield_energy(q, k, beta=self.beta(), separation=self.current_separation())

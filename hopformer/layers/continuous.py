@@ -1,4 +1,4 @@
-"""Continuous-time memory attention (Santos et al. 2025, SPEC section 3) as a drop-in ``Hopfield`` layer.
+"""Continuous-time memory attention (Santos et al. 2025, arXiv 2502.10122) as a drop-in ``Hopfield`` layer.
 
 ``ContinuousHopfield`` projects queries, keys and values like :class:`hopformer.layers.Hopfield`,
 then compresses each head's ``L`` keys and values into ``N`` basis coefficients by ridge regression

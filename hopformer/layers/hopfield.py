@@ -1,4 +1,4 @@
-"""The ``Hopfield`` layer and its named variants (SPEC section 1).
+"""The ``Hopfield`` layer and its named variants (Ramsauer et al. 2020; Hu et al. 2023; Wu et al. 2024).
 
 ``Hopfield`` associates state patterns ``R`` (queries) with stored patterns ``Y`` (keys) and reads
 out pattern projections (values): Ramsauer et al. 2020, eq. 10,
@@ -58,7 +58,7 @@ class InverseTemperature(nn.Module):
 class LearnableAlpha(nn.Module):
     """alpha-entmax's alpha, reparametrised as ``alpha = 1 + sigmoid(a)`` so it stays in (1, 2) with a live gradient.
 
-    Clamping would zero the gradient at the bounds; the sigmoid never does (SPEC section 1).
+    Clamping would zero the gradient at the bounds; the sigmoid never does.
 
     Args:
         alpha: initial alpha, strictly inside (1, 2).
@@ -238,7 +238,7 @@ class Hopfield(nn.Module):
         return self.project_output(result)
 
     def energy(self, state: Tensor, stored: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Energy of each state pattern in each head's association space, ``(B, heads, Lq)`` (SPEC section 1)."""
+        """Energy of each state pattern in each head's association space, ``(B, heads, Lq)`` (Ramsauer et al. 2020, eq. 2 with the separation's conjugate)."""
         stored = state if stored is None else stored
         self._check_inputs(state, stored)
         q, k = self.project_query(state), self.project_keys(stored)

@@ -1,5 +1,5 @@
 """U-Hop kernelized Hopfield layers (Wu, Hu et al. 2024, "Uniform Memory Retrieval with Larger Capacity
-for Modern Hopfield Models"; SPEC section 2).
+for Modern Hopfield Models"; Wu et al. 2024, arXiv 2404.03827).
 
 A linear feature map ``Phi(u) = W u`` (eq. 2.1, ``W`` of shape ``D_phi x d``, ``D_phi >= d``, full rank,
 Assumption 2.1) defines the kernel ``K(u, v) = <Phi(u), Phi(v)>``. The kernelized layer (eq. 3.1 / 4.1)

@@ -1,4 +1,4 @@
-"""Temporal-kernel sequence memory (Farooq 2025, SPEC section 4).
+"""Temporal-kernel sequence memory (Farooq 2025, arXiv 2507.01052).
 
 Stores a sequence ``xi_1 .. xi_N`` (normalised to norm ``sqrt(d)``) and retrieves it step by step.
 At step ``m`` the state minimises
@@ -13,7 +13,7 @@ with the normalised Gaussian kernel ``w_k(m) = exp(-(k-m)^2 / 2 sigma^2) / sum_j
 starting from the previous retrieved state ``s*_{m-1}``. The regulariser's factor ``(1+gamma)/2``
 makes a stored pattern a fixed point of the memory terms alone (as ``0.5 ||x||^2`` does for
 Ramsauer et al.'s energy). The source paper is available here only as a summary; the exact
-form of its max term and regulariser is our reading of SPEC section 4 (see docs/sequence_memory.md).
+form of its max term and regulariser is our reading of Farooq 2025 (see docs/sequence_memory.md).
 
 Two solvers minimise the same energy:
 

@@ -1,5 +1,5 @@
 """STanHop-Net (Wu et al. 2024, ICLR, "STanHop: Sparse Tandem Hopfield Model for Memory-Enhanced
-Time Series Prediction"), Crossformer-style (Zhang & Yan 2023), SPEC section 5.
+Time Series Prediction"), Crossformer-style (Zhang & Yan 2023).
 
 Input ``x`` ``(batch, input_len, C)`` -> forecast ``(batch, horizon, C)``:
 

@@ -8,7 +8,7 @@ three-layer ViH refines the memories before the CLS read-out. Every block is pre
 residual connection and an MLP (``dim -> 4 dim -> dim``, GELU).
 
 Patch size: the released code uses patch 32, which gives a 32x32 CIFAR image a single patch token
-(the kernel then cannot change anything, SPEC section 2). Here CIFAR uses patch 4 (64 memories per
+(the kernel then cannot change anything, U-Hop paper, Wu et al. 2024). Here CIFAR uses patch 4 (64 memories per
 image) and Tiny ImageNet patch 8 (64 memories per image).
 
 Registered with timm: ``vih_patch4_32`` (one layer), ``vih3_patch4_32`` (three layers), and

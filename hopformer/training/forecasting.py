@@ -1,4 +1,4 @@
-"""Forecasting LightningModule for STanHop-Net and the baselines (SPEC section 5, training protocol).
+"""Forecasting LightningModule for STanHop-Net and the baselines (training protocol of Crossformer, Zhang & Yan 2023, as used by STanHop, Wu et al. 2024).
 
 MSE loss; MSE/MAE (torchmetrics) on the normalised scale (as the papers report) and optionally on the
 original scale; Crossformer's ``type1`` step decay; test metrics (JSON + CSV) and a prediction plot
