@@ -50,6 +50,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hopformer._cli_helpers import explicit_options, flat, get, own_error, resolve, set_path
+from hopformer._cli_links import add_data_links, check_no_linked_options
 from hopformer.training.checkpoint_file import check_checkpoint_file
 from hopformer.training.run_folder import AppendingCSVLogger, claim_version, version_of_checkpoint
 
@@ -107,6 +108,12 @@ class HopformerCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # U-Hop's stage I as its own group: `uhop: {class_path: hopformer.training.UHopSeparation, init_args: ...}`
+        # (configs/uhop.yaml) adds the callback to trainer.callbacks instead of replacing that list; null = off.
+        from hopformer.training.two_stage import UHopSeparation
+
+        parser.add_lightning_class_args(UHopSeparation, "uhop", subclass_mode=True, required=False)
+        add_data_links(parser)  # input_len, horizon, num_series, num_classes: stated once, on the data side
         parser.set_defaults(
             {
                 "checkpoint.monitor": None,
@@ -148,6 +155,7 @@ class HopformerCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self._raw_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
+        check_no_linked_options(explicit_options(self._raw_args, "model"))
         if args is None:
             return super().parse_arguments(parser, args)
         # An explicit command (tests, hopformer.compare, main(args)) replaces sys.argv, which then belongs to
@@ -241,6 +249,8 @@ class HopformerCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        callbacks = [c for c in callbacks if c is not None]  # `uhop: null` (off)
+        _check_one_uhop([*(config.get("callbacks") or []), *callbacks])
         # ModelCheckpoint(save_last=True) refreshes last.ckpt only when a new best is saved; a second
         # checkpoint callback without a monitor keeps last.ckpt at the latest epoch (for resuming).
         # It goes after the "best" one so that trainer.checkpoint_callback (and ckpt_path="best") is the best.
@@ -294,6 +304,14 @@ class HopformerCLI(LightningCLI):
             accs = {k: v for r in (val, test) for k, v in (r[0] if r else {}).items() if k.endswith("_acc")}
             if accs:
                 print("  " + ", ".join(f"{'validation' if k.startswith('val') else 'test'} accuracy {v:.2%}" for k, v in accs.items()))
+
+
+def _check_one_uhop(callbacks: list) -> None:
+    from hopformer.training.two_stage import UHopSeparation
+
+    if sum(isinstance(c, UHopSeparation) for c in callbacks) > 1:
+        raise ValueError("two UHopSeparation callbacks: give U-Hop's stage I once, either as the `uhop:` group "
+                         "(configs/uhop.yaml, --uhop.*) or in trainer.callbacks, not both")
 
 
 def filter_known_warnings() -> None:
