@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser
 
-__all__ = ["LINKS", "add_data_links", "check_no_linked_options"]
+__all__ = ["LINKS", "add_data_links", "check_no_linked_options", "keep_link_paths"]
 
 # (source, target, apply_on)
 LINKS: tuple[tuple[str, str, str], ...] = (
@@ -51,3 +51,21 @@ def check_no_linked_options(explicit: list[str]) -> None:
                 where = f"--{source}" if ".init_args." in source else f"the data module's {source.split('.')[-1]}"
                 raise ValueError(f"--{key} is set from the data ({source} -> {target}); "
                                  f"do not give it, change {where} instead")
+
+
+def keep_link_paths(dump: dict) -> None:
+    """Give every linked model target's class an ``init_args`` dict in LightningCLI's config dump.
+
+    Lightning writes the values of instantiation links into the dumped config (the module's saved
+    hyperparameters), and needs the path to exist; jsonargparse's dump drops an ``init_args`` whose keys are
+    all link targets (``RepeatLast``: input_len, horizon, num_series).
+    """
+    for _, target, _ in LINKS:
+        node = dump
+        for part in target.split(".")[:-1]:
+            if isinstance(node, dict) and part == "init_args" and "class_path" in node:
+                node = node.setdefault("init_args", {})
+            elif isinstance(node, dict) and isinstance(node.get(part), dict):
+                node = node[part]
+            else:
+                break

@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hopformer._cli_helpers import explicit_options, flat, get, own_error, resolve, set_path
-from hopformer._cli_links import add_data_links, check_no_linked_options
+from hopformer._cli_links import add_data_links, check_no_linked_options, keep_link_paths
 from hopformer.training.checkpoint_file import check_checkpoint_file
 from hopformer.training.run_folder import AppendingCSVLogger, claim_version, version_of_checkpoint
 
@@ -190,6 +190,10 @@ class HopformerCLI(LightningCLI):
         if changed and _is_rank_zero():
             sys.stderr.write("--ckpt_path: these model options come from the checkpoint, not the config: "
                              + ", ".join(f"{k}={b!r} (config: {a!r})" for k, (a, b) in changed.items()) + "\n")
+
+    def _dump_config(self) -> None:
+        super()._dump_config()
+        keep_link_paths(self.config_dump)
 
     def _subconfig(self, config: Any) -> Any:
         return config.get(str(self.subcommand), config) if self.subcommand else config
