@@ -162,7 +162,7 @@ class _TinyHopfieldClassifier(L.LightningModule):
 
 @pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax15", 1.3], ids=str)
 def test_lightning_validate_test_predict_with_two_threads(separation, tmp_path, small_blocks):
-    """What `python train.py fit --config configs/forecast_default.yaml` does after fit, in miniature."""
+    """What `python train.py fit --config configs/forecast/base.yaml --config configs/forecast/small.yaml` does after fit, in miniature."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

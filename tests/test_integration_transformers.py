@@ -449,15 +449,17 @@ def test_causal_lm_module_rejects_unknown_backend_and_small_vocab():
         CausalLMModule(vocab_size=64, num_layers=1).check_datamodule(CharTextDataModule())
 
 
-def _fit(tmp_path: Path, config: str, *extra: str):
-    args = ["fit", "--config", str(CONFIGS / config), "--trainer.default_root_dir", str(tmp_path), *QUIET, *extra]
+def _fit(tmp_path: Path, overlay: str | None, *extra: str):
+    """Fit configs/lm/base.yaml (plus ``configs/lm/<overlay>``)."""
+    configs = ["--config", str(CONFIGS / "lm" / "base.yaml")] + (["--config", str(CONFIGS / "lm" / overlay)] if overlay else [])
+    args = ["fit", *configs, "--trainer.default_root_dir", str(tmp_path), *QUIET, *extra]
     return cli.main(args)
 
 
 def test_train_py_fits_a_hopfield_llama_short(tmp_path):
-    """Short version of configs/hf_llama_sparsemax_chars.yaml: the loss falls well below uniform (ln 128)."""
+    """Short version of configs/lm/base.yaml: the loss falls well below uniform (ln 128)."""
     run = _fit(
-        tmp_path, "hf_llama_sparsemax_chars.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "30",
+        tmp_path, None, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "30",
         "--trainer.limit_val_batches", "4", "--model.init_args.warmup_steps", "5", "--data.init_args.max_chars", "40000",
         "--data.init_args.batch_size", "16", "--model.init_args.num_layers", "1", "--test_after_fit", "false",
     )
@@ -469,7 +471,7 @@ def test_train_py_fits_a_hopfield_llama_short(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["hf_llama_sparsemax_chars.yaml", "hf_llama_learnable_alpha_chars.yaml"])
+@pytest.mark.parametrize("config", [None, "learnable_alpha.yaml"])
 def test_train_py_hf_configs_full(tmp_path, config):
     """The configs as shipped (a few minutes each on 2 CPU cores): test loss below 2.6 nats/char."""
     run = _fit(tmp_path, config, "--test_after_fit", "true")

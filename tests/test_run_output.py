@@ -165,13 +165,15 @@ def test_cli_run_raises_no_warnings(tmp_path):
 
 
 def test_offline_download_is_one_line_and_leaves_no_folders(tmp_path, monkeypatch, capsys):
-    """`python train.py fit --config configs/forecast_default.yaml --data.init_args.download true` offline."""
+    """`python train.py fit --config configs/forecast/base.yaml --config configs/forecast/small.yaml
+    --data.init_args.download true` offline."""
     def offline(*args, **kwargs):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(ROOT / "configs" / "forecast_default.yaml"),
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(ROOT / "configs" / "forecast" / "base.yaml"),
+                                      "--config", str(ROOT / "configs" / "forecast" / "small.yaml"),
                                       "--data.init_args.download", "true"])
     with pytest.raises(SystemExit) as err:
         cli.main()
@@ -179,7 +181,7 @@ def test_offline_download_is_one_line_and_leaves_no_folders(tmp_path, monkeypatc
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("train.py: error: could not download") and "--data.init_args.root" in message
     assert "Traceback" not in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # no empty data/ or runs/forecast_default/
+    assert list(tmp_path.iterdir()) == []  # no empty data/ or runs/forecast/
 
 
 def test_missing_ett_file_names_the_root_option(tmp_path):
@@ -195,14 +197,14 @@ def test_cifar10_offline_mentions_the_folder_configs(tmp_path, monkeypatch):
     from hopformer.data import CIFAR10DataModule
     from hopformer.data.errors import DownloadError
 
-    with pytest.raises(FileNotFoundError, match=r"configs/cifar10_folder_\*\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"configs/data/cifar10_folder\.yaml"):
         CIFAR10DataModule(str(tmp_path / "nowhere"), download=False)
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
-    with pytest.raises(DownloadError, match=r"cifar10_folder_\*\.yaml"):
+    with pytest.raises(DownloadError, match=r"configs/data/cifar10_folder\.yaml"):
         CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
     assert not (tmp_path / "data").exists()
 

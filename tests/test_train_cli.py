@@ -75,9 +75,8 @@ def test_no_arguments_runs_the_default_config(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
-    # Replace the default config's callbacks by one UHopSeparation with momentum (stage-I optimizer state).
-    common = [*_short(2, subset=256), "--test_after_fit", "false", "--trainer.callbacks", "[]",
-              "--trainer.callbacks+=hopformer.training.UHopSeparation", "--trainer.callbacks.momentum=0.9"]
+    # The default config's U-Hop callback (the `uhop` group) with momentum (stage-I optimizer state).
+    common = [*_short(2, subset=256), "--test_after_fit", "false", "--uhop.momentum=0.9"]
     straight = _fit(tmp_path, "straight", *common)
     first = _fit(tmp_path, "first", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs")
     assert first.trainer.current_epoch == 1
@@ -121,17 +120,11 @@ def test_wrong_image_size_fails_before_training(tmp_path):
     assert not list((tmp_path / "bad").rglob("*.ckpt"))
 
 
-def test_wrong_class_count_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="num_classes=7"):
+def test_class_count_given_for_the_model_fails_at_start(tmp_path):
+    # num_classes follows the data (a link): a different value on the command line is named as the error
+    with pytest.raises(ValueError, match=r"--model.init_args.num_classes is set from the data \(data.num_classes"):
         _fit(tmp_path, "bad", "--model.init_args.num_classes", "7")
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_parses(path, tmp_path):
-    """Every experiment config is valid for the CLI (parsed and checked, nothing instantiated)."""
-    with pytest.raises(SystemExit) as err:
-        cli.main(["fit", "--config", str(path), "--print_config"])
-    assert err.value.code in (0, None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
@@ -171,7 +164,7 @@ def test_dockerfiles_install_the_package_and_run_train_py(name):
 
 def test_learnable_alpha_and_beta_are_logged(tmp_path):
     _fit(tmp_path, "alpha", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]",
+         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--uhop", "null",
          "--model.init_args.backbone_kwargs",
          "{attention: hopfield, separation: learnable, attn_kwargs: {learnable_beta: true}}")
     header = (tmp_path / "alpha" / "version_0" / "metrics.csv").read_text().splitlines()[0]
@@ -234,7 +227,7 @@ def test_claim_version_moves_on_when_another_run_got_there_first(tmp_path, monke
 
 
 def test_resume_continues_in_its_folder_with_its_best_checkpoint(tmp_path, capsys):
-    common = [*_short(3, subset=128), "--trainer.callbacks", "[]"]
+    common = [*_short(3, subset=128), "--uhop", "null"]
     _fit(tmp_path, "run", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs",
          "--trainer.callbacks.epochs=2", "--test_after_fit", "false")
     run = tmp_path / "run" / "version_0"
@@ -255,7 +248,7 @@ def test_resume_continues_in_its_folder_with_its_best_checkpoint(tmp_path, capsy
 
 def test_last_checkpoint_is_saved_within_an_epoch(tmp_path):
     with pytest.raises(RuntimeError, match="killed mid-epoch"):
-        _fit(tmp_path, "killed", *_short(1), "--trainer.callbacks", "[]", "--last_checkpoint_minutes", "1e-9",
+        _fit(tmp_path, "killed", *_short(1), "--uhop", "null", "--last_checkpoint_minutes", "1e-9",
              "--trainer.callbacks+=test_train_cli.FailAtBatch", "--trainer.callbacks.batch=3")
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file(), "a run killed mid-epoch must leave a recent last.ckpt"
@@ -268,7 +261,7 @@ def test_last_checkpoint_is_saved_within_an_epoch(tmp_path):
 def test_explicit_model_options_win_over_the_checkpoint(tmp_path, capsys):
     """`test --ckpt_path` with `--model.*` options evaluates (and records) what the options say."""
     run = _fit(tmp_path, "train", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-               "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]")
+               "--trainer.limit_val_batches", "1", "--uhop", "null")
     last = tmp_path / "train" / "version_0" / "checkpoints" / "last.ckpt"
     assert run.model.hparams.backbone_kwargs["separation"] == "softmax"
     res = cli.main(["test", "--config", str(DEFAULT), "--ckpt_path", str(last), *QUIET,
@@ -326,7 +319,7 @@ def test_garbage_init_checkpoint_names_the_file(tmp_path):
 
 def test_resume_with_a_user_csv_logger_keeps_its_metrics(tmp_path):
     logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
-    common = [*_short(2, subset=64), "--trainer.callbacks", "[]", "--test_after_fit", "false", *logger]
+    common = [*_short(2, subset=64), "--uhop", "null", "--test_after_fit", "false", *logger]
     _fit(tmp_path, "unused", *common, "--trainer.callbacks+=test_train_cli.StopAfterEpochs")
     run = tmp_path / "lightning_logs" / "version_0"
     _fit(tmp_path, "unused", *common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))

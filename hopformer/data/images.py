@@ -254,7 +254,7 @@ class CIFAR10DataModule(ImageDataModule):
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     folder = "cifar-10-batches-py"
     how_to_get = ("Set data.init_args.download=true (needs network), copy the torchvision CIFAR files there, or "
-                  "train from an ImageFolder copy (one folder per class) with configs/cifar10_folder_*.yaml.")
+                  "train from an ImageFolder copy (one folder per class) with configs/data/cifar10_folder.yaml.")
 
     def __init__(self, root: str = "data", download: bool = False, **kwargs) -> None:
         super().__init__(root=root, **kwargs)
@@ -279,7 +279,7 @@ class CIFAR10DataModule(ImageDataModule):
                 raise DownloadError(
                     f"{type(self).__name__}: download to '{self.root}' failed ({err!r}). Without network, "
                     f"copy the torchvision files to '{self.root / self.folder}' and set download=false"
-                    + (" (or use configs/cifar10_folder_*.yaml with an ImageFolder copy)." if self.num_classes == 10 else ".")
+                    + (" (or use configs/data/cifar10_folder.yaml with an ImageFolder copy)." if self.num_classes == 10 else ".")
                 ) from None
 
     def setup(self, stage: str | None = None) -> None:
