@@ -1,6 +1,6 @@
 """STanHop-Net epoch time at the paper setting of ETTh1-96, ratio to a minimal Crossformer-style reference.
 
-Paper setting (``configs/stanhop_etth1_96.yaml``; U-Hop paper Tables 7-8): 7 series, input 168,
+Paper setting (``configs/forecast/base.yaml``; U-Hop paper Tables 7-8): 7 series, input 168,
 horizon 96, patch 12, window 2, 1 layer, d_model 256, 4 heads, d_ff 512, 10 routers, dropout 0.3,
 batch 16, Adam lr 1e-4, gradient clipping 5. The reference below has the same shapes and the same
 two-stage structure (Crossformer, Zhang & Yan 2023: time attention per series, router attention

@@ -1,8 +1,8 @@
 """``train.py``: the project's LightningCLI (subclass mode for both the model and the data).
 
     python train.py                                   # fit configs/default.yaml, then test the best checkpoint
-    python train.py fit --config configs/<name>.yaml  # any experiment
-    python train.py test --config configs/<name>.yaml --ckpt_path runs/<name>/version_0/checkpoints/best.ckpt
+    python train.py fit --config configs/<task>/base.yaml [--config configs/<task>/<overlay>.yaml ...]  # any experiment
+    python train.py test --config ... --ckpt_path runs/<task>/version_0/checkpoints/best.ckpt
     python train.py validate|predict ...              # the other Lightning subcommands
     python train.py fit --config ... --ckpt_path last.ckpt   # resume
 
@@ -20,6 +20,11 @@ What this CLI adds to ``LightningCLI``:
   whose ``monitor``/``mode`` default to the module class attributes ``monitor``/``monitor_mode``
   (``val_acc``/max for classification), writing ``checkpoints/best-*.ckpt``; a second one keeps
   ``checkpoints/last.ckpt`` at the latest epoch for resuming (``--ckpt_path .../last.ckpt``).
+- Several ``--config`` files merge in order (a base plus overlays, docs/configs.md). Values the data
+  determines are linked into the model (``hopformer/_cli_links.py``): ``input_len``, ``horizon``,
+  ``num_series`` (forecasting) and ``num_classes`` (classification).
+- ``uhop:``: U-Hop's stage-I callback (``hopformer.training.UHopSeparation``) as its own group, added to
+  ``trainer.callbacks`` (``null``, the default: off), so an overlay switches it on without replacing them.
 - Checks before any work: the module's ``check_datamodule(datamodule)`` (image size, channels,
   classes); unknown model names and missing data folders fail when the classes are built.
 - ``--test_after_fit true``: after ``fit``, validate and test the best checkpoint and print the metrics.
@@ -109,7 +114,7 @@ class HopformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # U-Hop's stage I as its own group: `uhop: {class_path: hopformer.training.UHopSeparation, init_args: ...}`
-        # (configs/uhop.yaml) adds the callback to trainer.callbacks instead of replacing that list; null = off.
+        # (configs/*/uhop.yaml) adds the callback to trainer.callbacks instead of replacing that list; null = off.
         from hopformer.training.two_stage import UHopSeparation
 
         parser.add_lightning_class_args(UHopSeparation, "uhop", subclass_mode=True, required=False)
@@ -315,7 +320,7 @@ def _check_one_uhop(callbacks: list) -> None:
 
     if sum(isinstance(c, UHopSeparation) for c in callbacks) > 1:
         raise ValueError("two UHopSeparation callbacks: give U-Hop's stage I once, either as the `uhop:` group "
-                         "(configs/uhop.yaml, --uhop.*) or in trainer.callbacks, not both")
+                         "(configs/*/uhop.yaml, --uhop.*) or in trainer.callbacks, not both")
 
 
 def filter_known_warnings() -> None:

@@ -1,8 +1,8 @@
 """Compare training configurations at equal budget over several seeds: ``python -m hopformer.compare``.
 
     python -m hopformer.compare --name etth1_96 --seeds 0 1 2 --metric test_mse --mode min \\
-        --arm dlinear "fit --config configs/forecast_dlinear_etth1_96.yaml" \\
-        --arm stanhop "fit --config configs/forecast_default.yaml" \\
+        --arm dlinear "fit --config configs/forecast/base.yaml --config configs/forecast/dlinear.yaml" \\
+        --arm stanhop "fit --config configs/forecast/base.yaml --config configs/forecast/small.yaml" \\
         --common "--trainer.max_epochs 5"
 
 Every run is ``python -m hopformer.cli <arm args> <common args> --seed_everything S

@@ -6,7 +6,7 @@ selects its attention by name: ``"hopfield_softmax"``, ``"hopfield_sparsemax"``,
 custom backend described by ``hopfield`` (any alpha, update steps, beta, or a learnable alpha per
 layer and head). ``transformers`` is imported when the module is built, never by ``hopformer.training``.
 
-    python train.py fit --config configs/hf_llama_sparsemax_chars.yaml
+    python train.py fit --config configs/lm/base.yaml
 """
 
 from __future__ import annotations
