@@ -48,9 +48,9 @@ def check_no_linked_options(explicit: list[str]) -> None:
     for source, target, _ in LINKS:
         for key in explicit:
             if _plain(key) == _plain(target):
-                where = f"--{source}" if ".init_args." in source else f"the data module's {source.split('.')[-1]}"
-                raise ValueError(f"--{key} is set from the data ({source} -> {target}); "
-                                 f"do not give it, change {where} instead")
+                hint = (f"change --{source} instead" if ".init_args." in source
+                        else f"it follows the data module's {source.split('.')[-1]}")
+                raise ValueError(f"--{key} is set from the data ({source} -> {target}): do not give it; {hint}")
 
 
 def keep_link_paths(dump: dict) -> None:
