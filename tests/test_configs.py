@@ -1,7 +1,7 @@
 """Composable configs (docs/configs.md): every old config is one command that resolves to the same values.
 
 ``tests/data/old_configs_resolved.json`` is a frozen copy of what each file of the old flat layout
-(``git show <before issue 10>:configs/<name>.yaml``) resolved to with the CLI of that time: every option,
+(``git show 2d34428:configs/<name>.yaml``) resolved to with the CLI of that time: every option,
 defaults included, flattened to dotted keys; keys equal in all files are stored once under ``common``.
 The commands come from the table of docs/configs.md, so the documented command is the tested one.
 """
