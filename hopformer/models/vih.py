@@ -21,10 +21,11 @@ from typing import Any, Mapping
 
 import torch
 from einops import rearrange, repeat
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..layers import GeneralizedSparseHopfield, Hopfield
+from ._cfgs import default_cfgs as default_cfgs_for, no_pretrained_weights
 
 __all__ = ["ViH", "make_hopfield_layer"]
 
@@ -132,33 +133,50 @@ class ViH(nn.Module):
         return self.head(self.head_drop(self.forward_features(images)))
 
 
-def _vih(defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> ViH:
+def _vih(variant: str, pretrained: bool = False, **kwargs: Any) -> ViH:
+    """Build ``variant`` through timm's ``build_model_with_cfg``: ``pretrained_cfg`` per data-set tag (see
+    :mod:`hopformer.models._cfgs`); ``num_classes`` defaults to the tag's. ViH has no multi-scale features:
+    ``features_only=True`` is refused with a pointer to what is supported."""
     if pretrained:
-        raise ValueError("no pretrained ViH weights are hosted")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
-        kwargs.pop(key, None)
-    return ViH(**{**defaults, **kwargs})
+        raise no_pretrained_weights(variant)
+    if kwargs.get("features_only"):
+        raise ValueError(
+            f"features_only=True is not supported by {variant}: a ViH reads out a single CLS token; use "
+            "model.forward_features(images) for its (batch, embed_dim) features, or a Hopfield ViT "
+            "(timm.list_models('hopfield_vit_*')), which supports features_only and forward_intermediates"
+        )
+    defaults = {k: v for k, v in VIH_MODELS[variant].items() if k != "num_classes"}  # num_classes: the tag's
+    return build_model_with_cfg(ViH, variant, pretrained, **{**defaults, **kwargs})
+
+
+VIH_MODELS: dict[str, dict[str, Any]] = {
+    "vih_patch4_32": dict(img_size=32, patch_size=4, depth=1, num_classes=10),
+    "vih3_patch4_32": dict(img_size=32, patch_size=4, depth=3, num_classes=10),
+    "vih_patch8_64": dict(img_size=64, patch_size=8, depth=1, num_classes=200),
+    "vih3_patch8_64": dict(img_size=64, patch_size=8, depth=3, num_classes=200),
+}
+default_cfgs = default_cfgs_for(VIH_MODELS, first_conv="patch_embed")  # read by timm's register_model
 
 
 @register_model
 def vih_patch4_32(pretrained: bool = False, **kwargs) -> ViH:
     """One-layer ViH (dim 512), 32x32 images, patch 4 (64 memories)."""
-    return _vih(dict(img_size=32, patch_size=4, depth=1), pretrained, kwargs)
+    return _vih("vih_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def vih3_patch4_32(pretrained: bool = False, **kwargs) -> ViH:
     """Three-layer ViH (dim 512), 32x32 images, patch 4."""
-    return _vih(dict(img_size=32, patch_size=4, depth=3), pretrained, kwargs)
+    return _vih("vih3_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def vih_patch8_64(pretrained: bool = False, **kwargs) -> ViH:
     """One-layer ViH (dim 512), 64x64 images (Tiny ImageNet), patch 8 (64 memories)."""
-    return _vih(dict(img_size=64, patch_size=8, depth=1, num_classes=200), pretrained, kwargs)
+    return _vih("vih_patch8_64", pretrained, **kwargs)
 
 
 @register_model
 def vih3_patch8_64(pretrained: bool = False, **kwargs) -> ViH:
     """Three-layer ViH (dim 512), 64x64 images, patch 8."""
-    return _vih(dict(img_size=64, patch_size=8, depth=3, num_classes=200), pretrained, kwargs)
+    return _vih("vih3_patch8_64", pretrained, **kwargs)

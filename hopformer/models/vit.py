@@ -32,11 +32,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers import ContinuousHopfieldAttention, HopfieldAttention, KernelizedHopfieldAttention, LearnableAlpha
+from ._cfgs import default_cfgs as default_cfgs_for, no_pretrained_weights
 
 __all__ = ["hopfield_attn_layer", "hopfield_vit", "load_vit_state_dict", "HOPFIELD_VIT_MODELS", "ATTENTIONS"]
 
@@ -112,15 +113,26 @@ def load_vit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     return list(result.missing_keys)
 
 
-def _build(defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Build ``variant`` through timm's ``build_model_with_cfg`` (as timm's ``_create_vision_transformer``).
+
+    The ``pretrained_cfg`` (size, mean, std, classes of the tag's data set) comes from ``default_cfgs``;
+    ``num_classes`` defaults to the tag's (``.cifar100``: 100); ``features_only=True`` wraps the model
+    in timm's ``FeatureGetterNet`` over :meth:`VisionTransformer.forward_intermediates`.
+    """
     if pretrained:
-        raise ValueError(
-            "no pretrained Hopfield ViT weights are hosted; create the model and load a timm ViT with "
-            "hopformer.models.vit.load_vit_state_dict(model, timm_vit.state_dict())"
+        raise no_pretrained_weights(
+            variant,
+            "load a plain timm ViT of the same shape with hopformer.models.load_vit_state_dict(model, vit.state_dict()), "
+            "e.g. vit = timm.create_model('vit_tiny_patch16_224', pretrained=True, img_size=32, patch_size=4, "
+            "num_classes=10) for hopfield_vit_tiny_patch4_32 (timm resamples the patch and position embeddings)",
         )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
-        kwargs.pop(key, None)  # timm.create_model's bookkeeping, meaningless without hosted weights
-    return hopfield_vit(**{**defaults, **kwargs})
+    defaults = {k: v for k, v in HOPFIELD_VIT_MODELS[variant].items() if k != "num_classes"}  # num_classes: the tag's
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", defaults["depth"])))
+    return build_model_with_cfg(
+        hopfield_vit, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **{**defaults, **kwargs},
+    )
 
 
 _CIFAR = dict(img_size=32, patch_size=4, num_classes=10)
@@ -134,39 +146,40 @@ HOPFIELD_VIT_MODELS: dict[str, dict[str, Any]] = {
     "hopfield_vit_tiny_patch8_64": dict(**_TINY, embed_dim=192, depth=12, num_heads=3),
     "hopfield_vit_small_patch8_64": dict(**_TINY, embed_dim=384, depth=12, num_heads=6),
 }
+default_cfgs = default_cfgs_for(HOPFIELD_VIT_MODELS, first_conv="patch_embed.proj")  # read by timm's register_model
 
 
 @register_model
 def hopfield_vit_nano_patch2_8(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Nano, 8x8 one-channel images (scikit-learn digits), patch 2: the default model."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_nano_patch2_8"], pretrained, kwargs)
+    return _build("hopfield_vit_nano_patch2_8", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_mini_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Mini (dim 128, depth 6), 32x32 images, patch 4: a CPU-sized CIFAR model."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_mini_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_mini_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Tiny (dim 192, depth 12), 32x32 images (CIFAR), patch 4."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_tiny_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Small (dim 384, depth 12), 32x32 images (CIFAR), patch 4."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_small_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_tiny_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Tiny (dim 192, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch8_64"], pretrained, kwargs)
+    return _build("hopfield_vit_tiny_patch8_64", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_small_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Small (dim 384, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch8_64"], pretrained, kwargs)
+    return _build("hopfield_vit_small_patch8_64", pretrained, **kwargs)
