@@ -23,5 +23,5 @@ IMAGE_DATASETS: dict[str, dict] = {
     "digits": dict(input_size=(1, 8, 8), num_classes=10, mean=DIGITS_MEAN, std=DIGITS_STD),
     "cifar10": dict(input_size=(3, 32, 32), num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD),
     "cifar100": dict(input_size=(3, 32, 32), num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
-    "tiny_imagenet": dict(input_size=(3, 64, 64), num_classes=200, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "tinyimagenet": dict(input_size=(3, 64, 64), num_classes=200, mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
