@@ -214,3 +214,14 @@ def test_classification_module_reads_the_input_size_from_timm():
     assert resnet.example_input_array is None
     with pytest.raises(ValueError, match="channel mismatch"):
         resnet.check_datamodule(data)
+
+
+def test_training_docs_timm_example_runs():
+    """The python example of docs/training.md's "Models" section runs as written."""
+    text = (ROOT / "docs" / "training.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "resolve_model_data_config" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/training.md timm example", "exec"), namespace)  # noqa: S102
+    assert [tuple(m.shape) for m in namespace["maps"]] == [(2, 192, 8, 8)] * 2
+    assert namespace["config"]["mean"] == (0.5071, 0.4865, 0.4409)
