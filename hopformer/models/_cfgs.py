@@ -24,7 +24,7 @@ def datasets_for(in_chans: int, img_size: int) -> list[str]:
     return found
 
 
-def default_cfgs(models: dict[str, dict[str, Any]], first_conv: str, **extra: Any) -> dict:
+def default_cfgs(models: dict[str, dict[str, Any]], first_conv: str) -> dict:
     """``generate_default_cfgs`` for ``{name: constructor defaults}`` (``img_size``, ``in_chans``), tagged by data set.
 
     ``crop_pct=1.0``: timm's eval transform then neither resizes nor crops an image of the model's
@@ -36,7 +36,7 @@ def default_cfgs(models: dict[str, dict[str, Any]], first_conv: str, **extra: An
             cfgs[f"{name}.{dataset}"] = dict(
                 url="", **IMAGE_DATASETS[dataset], pool_size=None, crop_pct=1.0, crop_mode="center",
                 interpolation="bicubic", fixed_input_size=True, first_conv=first_conv, classifier="head",
-                license="mit", **extra,
+                license="mit",
             )
     return generate_default_cfgs(cfgs)
 

@@ -121,12 +121,14 @@ def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTrans
     in timm's ``FeatureGetterNet`` over :meth:`VisionTransformer.forward_intermediates`.
     """
     if pretrained:
-        raise no_pretrained_weights(
-            variant,
-            "load a plain timm ViT of the same shape with hopformer.models.load_vit_state_dict(model, vit.state_dict()), "
-            "e.g. vit = timm.create_model('vit_tiny_patch16_224', pretrained=True, img_size=32, patch_size=4, "
-            "num_classes=10) for hopfield_vit_tiny_patch4_32 (timm resamples the patch and position embeddings)",
-        )
+        args, size = HOPFIELD_VIT_MODELS[variant], variant.split("_")[2]  # size: nano, mini, tiny, small
+        how = ("load the weights of a plain timm ViT of the same shape with "
+               "hopformer.models.load_vit_state_dict(model, vit.state_dict())")
+        if size in ("tiny", "small"):
+            how += (f", e.g. vit = timm.create_model('vit_{size}_patch16_224', pretrained=True, img_size={args['img_size']}, "
+                    f"patch_size={args['patch_size']}, num_classes={args['num_classes']}) (timm resamples the patch "
+                    "and position embeddings)")
+        raise no_pretrained_weights(variant, how)
     defaults = {k: v for k, v in HOPFIELD_VIT_MODELS[variant].items() if k != "num_classes"}  # num_classes: the tag's
     out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", defaults["depth"])))
     return build_model_with_cfg(
