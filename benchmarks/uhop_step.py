@@ -10,9 +10,9 @@ optimiser is the reference ("plain"); the two-stage steps add stage I (one separ
 The three are interleaved (round-robin, median over repetitions) in one run, so machine load hits
 them alike. Prints time per step, the ratio to the plain step, and stage I's share of the step.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/uhop_step.py [--model hopfield_vit_mini_patch4_32] [--batch 32] [--reps 20]
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model vih_patch4_32 --heads 8 --batch 128
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model hopfield_vit_nano_patch2_8 --batch 64 --every 2 4
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py [--model hopfield_vit_mini_patch4_32] [--batch 32] [--reps 20]
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model vih_patch4_32 --heads 8 --batch 128
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model hopfield_vit_nano_patch2_8 --batch 64 --every 2 4
 
 The last one is the default job's setting (``python train.py``: nano ViT on 8x8 digits, batch 64).
 """
@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout first
 
 from hopformer.training import ClassificationModule, UHopSeparation
 from hopformer.training.classification import expected_input
