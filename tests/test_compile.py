@@ -106,6 +106,17 @@ VIT_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("config", ["sparsemax", "learnable", "kernelized"])
+def test_sparse_vit_traces_without_graph_breaks(config):
+    """One graph for the whole model: no data-dependent check (alpha range, alpha == 1) breaks it while
+    compiling (tracing only, no code generation: fast)."""
+    torch._dynamo.reset()
+    model = timm.create_model("hopfield_vit_nano_patch2_8", depth=1, **VIT_CONFIGS[config])
+    explained = torch._dynamo.explain(model)(torch.randn(2, 1, 8, 8))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(VIT_CONFIGS))
 def test_compile_hopfield_vit(config):

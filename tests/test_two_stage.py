@@ -452,3 +452,17 @@ def test_diagnostics_without_stage_one():
     trainer.fit(module, DataLoader(data, batch_size=4))
     assert "uhop/cond/model.blocks.0.attn" in trainer.callback_metrics
     assert "uhop/sep_loss" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("memories", ["fresh", "training_forward"])
+def test_every_n_batches_runs_stage_one_on_every_nth_batch(memories):
+    """every_n_batches=n: stage I (and, for 'fresh', its extra forward) only on batches 0, n, 2n, ... of an epoch."""
+    torch.manual_seed(0)
+    module = CountingToy()
+    cb = UHopSeparation(memories=memories, every_n_batches=2)
+    _trainer([cb], max_steps=5).fit(module, DataLoader(_data(), batch_size=4))  # 8 batches per epoch: 0..4
+    assert cb.stage_one_steps == 3  # batches 0, 2, 4
+    assert module.forwards == 5 + (3 if memories == "fresh" else 0)
+    assert module.layer.cached_memories is None and not module.layer.cache_memories
+    with pytest.raises(ValueError, match="every_n_batches"):
+        UHopSeparation(every_n_batches=0)
