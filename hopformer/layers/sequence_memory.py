@@ -40,6 +40,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import positive_float
+
 __all__ = ["TemporalSequenceMemory", "SequenceRetrieval", "temporal_kernel", "log_kernel_row"]
 
 SOLVERS = ("cccp", "lbfgs")
@@ -79,12 +81,6 @@ class SequenceRetrieval:
     trace: dict[int, list[float]] = field(default_factory=dict)
 
 
-def _check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
-
 
 class TemporalSequenceMemory(nn.Module):
     """A sequence memory retrieved by minimising the temporal-kernel energy (Farooq 2025).
@@ -119,14 +115,14 @@ class TemporalSequenceMemory(nn.Module):
         batched: bool = True,
     ) -> None:
         super().__init__()
-        self.beta = None if beta is None else _check_positive("beta", beta)
-        self.sigma = _check_positive("sigma", sigma)
-        self.lambda_f = _check_positive("lambda_f", lambda_f, allow_zero=True)
-        self.mu = _check_positive("mu", mu, allow_zero=True)
-        self.gamma = _check_positive("gamma", gamma, allow_zero=True)
-        self.truncate = _check_positive("truncate", truncate)
-        self.tol = _check_positive("tol", tol)
-        self.cccp_tol = _check_positive("cccp_tol", cccp_tol)
+        self.beta = None if beta is None else positive_float("beta", beta)
+        self.sigma = positive_float("sigma", sigma)
+        self.lambda_f = positive_float("lambda_f", lambda_f, allow_zero=True)
+        self.mu = positive_float("mu", mu, allow_zero=True)
+        self.gamma = positive_float("gamma", gamma, allow_zero=True)
+        self.truncate = positive_float("truncate", truncate)
+        self.tol = positive_float("tol", tol)
+        self.cccp_tol = positive_float("cccp_tol", cccp_tol)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if not isinstance(max_iter, int) or max_iter < 1:

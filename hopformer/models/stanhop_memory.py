@@ -85,15 +85,16 @@ class TuneAndPlayMemory(nn.Module):
         dim: token size d.
         num_heads: association heads.
         size: number of learned memory patterns M.
-        hopfield: Hopfield variant (see ``hopformer.models.stanhop.build_hopfield``).
-        hopfield_kwargs: extra arguments of that layer.
+        attention, separation, attn_kwargs: the layer spec of the retrieving Hopfield layer (see
+            ``hopformer.models.stanhop.build_hopfield``; default GSH, learned alpha-entmax).
         dropout: dropout on the association weights.
         weight: w, scale of the retrieved pattern added to the token.
         seed: seed of the data initialisation subset.
     """
 
-    def __init__(self, dim: int, num_heads: int = 1, *, size: int = 32, hopfield: str = "generalized",
-                 hopfield_kwargs: dict | None = None, dropout: float = 0.0, weight: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, dim: int, num_heads: int = 1, *, size: int = 32, attention: str = "hopfield",
+                 separation="learnable", attn_kwargs: dict | None = None, dropout: float = 0.0, weight: float = 1.0,
+                 seed: int = 0) -> None:
         super().__init__()
         from .stanhop import build_hopfield
 
@@ -102,7 +103,8 @@ class TuneAndPlayMemory(nn.Module):
         self.dim, self.weight, self.seed = dim, weight, seed
         self.patterns = nn.Parameter(torch.empty(size, dim))
         nn.init.trunc_normal_(self.patterns, std=1.0)  # tokens are LayerNorm-ed: unit scale
-        self.hopfield = build_hopfield(hopfield, dim, num_heads, dropout=dropout, **(hopfield_kwargs or {}))
+        self.hopfield = build_hopfield(attention, dim, num_heads, separation=separation, dropout=dropout,
+                                       attn_kwargs=attn_kwargs)
         self.collecting = False
 
     @torch.no_grad()
