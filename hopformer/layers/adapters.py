@@ -90,8 +90,8 @@ class MultiheadHopfield(HopfieldInterface, nn.MultiheadAttention):
         self.retrieval = HopfieldRetrieval(self.head_dim, num_heads, **retrieval)
         self.feature_map = _feature_map(embed_dim, feature)
         if self.feature_map is not None and (self.kdim != embed_dim or self.feature_map.kernel_dim != embed_dim):
-            raise ValueError(f"a kernelized MultiheadHopfield shares a square Phi between queries and keys: kdim and "
-                             f"kernel_dim must equal embed_dim, got kdim={self.kdim}, "
+            raise ValueError(f"a kernelized MultiheadHopfield shares a square Phi between queries and keys: kdim must "
+                             f"equal embed_dim (and so must kernel_dim), got kdim={self.kdim}, "
                              f"kernel_dim={self.feature_map.kernel_dim}, embed_dim={embed_dim}")
         self.register_forward_pre_hook(_no_op_hook)  # keeps TransformerEncoderLayer off its softmax fast path
 
