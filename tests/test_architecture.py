@@ -264,3 +264,14 @@ def test_checks_are_one_module():
         positive_float("x", float("inf"))
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
         probability("p", 1.0)
+
+
+def test_architecture_doc_examples_run():
+    """docs/ARCHITECTURE.md's Python examples (every combination as arguments; a new memory) run as written."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"ARCHITECTURE.md python block {index}", "exec"), {"__name__": "architecture_doc"})  # noqa: S102

@@ -246,12 +246,13 @@ MEMORY_OPTIONS = ("num_basis", "basis", "ridge", "num_points", "integration", "c
 def as_memory(memory: "ContinuousMemory | Mapping[str, Any] | None") -> "ContinuousMemory | None":
     """The memory of a Hopfield interface: ``None`` (discrete), a :class:`ContinuousMemory`, or a dict of its
     options (``{"num_basis": 16}``; a new memory per layer, so a ``functools.partial`` stays shareable)."""
-    if memory is None or isinstance(memory, ContinuousMemory):
-        return memory
+    if memory is None or (isinstance(memory, nn.Module) and callable(getattr(memory, "retrieve", None))):
+        return memory  # a ContinuousMemory, or any module with its retrieve/energy interface
     if isinstance(memory, Mapping):
         unknown = sorted(set(memory) - set(MEMORY_OPTIONS))
         if unknown:
             raise ValueError(f"memory: unknown ContinuousMemory options {unknown}; valid: {list(MEMORY_OPTIONS)}")
         return ContinuousMemory(**memory)
-    raise TypeError(f"memory must be None, a ContinuousMemory or a dict of its options {list(MEMORY_OPTIONS)}, "
+    raise TypeError(f"memory must be None, a ContinuousMemory (or a module with its retrieve/energy methods) or a "
+                    f"dict of its options {list(MEMORY_OPTIONS)}, "
                     f"got {type(memory).__name__}")
