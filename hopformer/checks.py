@@ -24,7 +24,8 @@ def positive_float(name: str, value, *, allow_zero: bool = False) -> float:
     """``value`` as a finite ``float`` > 0 (>= 0 with ``allow_zero``); booleans are refused."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        expected = "a finite number >= 0" if allow_zero else "a positive finite number"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return float(value)
 
 

@@ -260,7 +260,7 @@ def test_checks_are_one_module():
             positive_int("n", bad)
     with pytest.raises(ValueError, match="k must be an integer >= 2, got 1"):
         positive_int("k", 1, minimum=2)
-    with pytest.raises(ValueError, match=r"x must be a finite number > 0, got inf"):
+    with pytest.raises(ValueError, match=r"x must be a positive finite number, got inf"):
         positive_float("x", float("inf"))
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\), got 1.0"):
         probability("p", 1.0)

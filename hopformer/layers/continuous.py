@@ -14,7 +14,6 @@ import math
 from typing import Any, Mapping
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..functional.continuous import (

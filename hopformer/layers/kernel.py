@@ -14,14 +14,12 @@ The U-Hop protocol (docs/ARCHITECTURE.md): stage I of the two-stage optimisation
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import positive_int
+from ..checks import positive_float, positive_int
 from ..functional.separation_loss import SEPARATION_LOSSES, separation_loss
 
 __all__ = [
@@ -134,8 +132,7 @@ class FeatureMap(nn.Module):
 
 
 def _check_loss_options(t: float, loss: str) -> None:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise ValueError(f"t (separation-loss RBF scale) must be a positive finite number, got {t!r}")
+    positive_float("t (separation-loss RBF scale)", t)
     if loss not in SEPARATION_LOSSES:
         raise ValueError(f"loss must be one of {SEPARATION_LOSSES}, got {loss!r}")
 

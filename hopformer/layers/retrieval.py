@@ -48,8 +48,7 @@ class InverseTemperature(nn.Module):
 
     def __init__(self, beta: float, num_heads: int = 1, learnable: bool = False) -> None:
         super().__init__()
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        positive_float("beta", beta)
         self.learnable = learnable
         self.init_beta = float(beta)
         if learnable:

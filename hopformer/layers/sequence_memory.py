@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checks import positive_float
+from ..checks import positive_float, positive_int
 
 __all__ = ["TemporalSequenceMemory", "SequenceRetrieval", "temporal_kernel", "log_kernel_row"]
 
@@ -49,8 +49,7 @@ SOLVERS = ("cccp", "lbfgs")
 
 def temporal_kernel(num_patterns: int, sigma: float, *, dtype=torch.float64, device=None) -> Tensor:
     """Normalised Gaussian temporal kernel ``W[m, k] = w_k(m)`` ``(N, N)``; every row sums to one."""
-    if not isinstance(num_patterns, int) or num_patterns < 1:
-        raise ValueError(f"num_patterns must be a positive integer, got {num_patterns!r}")
+    positive_int("num_patterns", num_patterns)
     if not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ValueError(f"sigma (kernel width) must be > 0, got {sigma!r}")
     idx = torch.arange(num_patterns, dtype=dtype, device=device)
@@ -125,8 +124,7 @@ class TemporalSequenceMemory(nn.Module):
         self.cccp_tol = positive_float("cccp_tol", cccp_tol)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        positive_int("max_iter", max_iter)
         self.solver, self.max_iter, self.batched = solver, max_iter, batched
         self.register_buffer("patterns", torch.empty(0, 0, dtype=torch.float64))
 

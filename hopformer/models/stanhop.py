@@ -36,6 +36,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..checks import positive_int
 from ..layers.registry import check_spec, hopfield_layer
 from .revin import RevIN
 from .stanhop_memory import PlugAndPlayMemory, TuneAndPlayMemory, build_memory
@@ -142,8 +143,8 @@ class STanHopBlock(nn.Module):
         num_segments: int | None = None,
     ) -> None:
         super().__init__()
-        if num_segments is not None and (not isinstance(num_segments, int) or num_segments < 1):
-            raise ValueError(f"num_segments={num_segments!r}: expected a positive integer or None")
+        if num_segments is not None:
+            positive_int("num_segments", num_segments)
         spec = dict(separation=separation, dropout=dropout, attn_kwargs=attn_kwargs)
         self.num_segments = num_segments
         self.time_hopfield = build_hopfield(attention, d_model, num_heads, **spec)
@@ -272,8 +273,7 @@ class STanHopNet(nn.Module):
         for name, value in (("num_series", num_series), ("input_len", input_len), ("horizon", horizon),
                             ("seg_len", seg_len), ("win_size", win_size), ("num_layers", num_layers),
                             ("d_model", d_model), ("num_heads", num_heads), ("d_ff", d_ff), ("num_router", num_router)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
+            positive_int(name, value)
         check_spec(attention, separation, attn_kwargs)
         if seg_len > input_len:
             raise ValueError(f"seg_len={seg_len} is longer than input_len={input_len}")

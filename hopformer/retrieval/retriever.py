@@ -15,7 +15,6 @@ All work on one memory set ``(M, d)`` or a batch of independent sets ``(B, M, d)
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
