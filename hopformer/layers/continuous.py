@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..functional.continuous import (
     continuous_energy,
     continuous_retrieve,
@@ -29,7 +30,6 @@ from ..functional.continuous import (
     ridge_factor,
     trapezoid_rule,
 )
-from ..checks import positive_float, positive_int
 
 __all__ = [
     "RectangularBasis",
