@@ -240,14 +240,17 @@ def test_no_variant_subclasses_and_named_layers_are_factories():
     (dict(attention="linear"), r"attention must be one of \['hopfield', 'kernelized', 'continuous'\], got 'linear'"),
     (dict(separation="softmx"), r"separation must be one of .*'learnable'.* got 'softmx'"),
     (dict(separation=2.5), r"separation must be .*alpha in \[1, 2\], got 2.5"),
-    (dict(attn_kwargs={"kernel_dim": 8}), r"attn_kwargs: 'kernel_dim' is not an option of attention='hopfield'"),
-    (dict(attention="continuous", separation="softmax", attn_kwargs={"num_basis": 2, "bases": 3}), r"'bases'.*valid: \[.*'num_basis'"),
+    (dict(attn_kwargs={"kernel_dim": 8}),
+     r"attn_kwargs: unexpected keyword argument 'kernel_dim' \(not an option of attention='hopfield'\)"),
+    (dict(attention="continuous", separation="softmax", attn_kwargs={"num_basis": 2, "bases": 3}),
+     r"'bases'.*valid: \[.*'num_basis'"),
     (dict(attn_kwargs={"separation": "softmax"}), r"'separation' is set by the spec"),
 ])
 def test_registry_errors_name_the_key_and_the_choices(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    error = TypeError if "attn_kwargs" in kwargs and "separation" not in kwargs["attn_kwargs"] else ValueError
+    with pytest.raises(error, match=match):
         L.check_spec(**kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         STanHopNet(**STANHOP, **kwargs)
 
 

@@ -66,7 +66,12 @@ def _valid_options(attention: str) -> tuple[str, ...]:
 
 def check_spec(attention: str = "hopfield", separation: Any = "softmax",
                attn_kwargs: Mapping[str, Any] | None = None) -> None:
-    """Raise ``ValueError`` naming the bad key or value and the valid choices; nothing when the spec is valid."""
+    """Check a layer spec before any layer is built.
+
+    Raises ``ValueError`` for a bad ``attention``/``separation`` value and ``TypeError`` for an unknown
+    ``attn_kwargs`` key (as Python does for an unexpected keyword argument), each naming the bad key or value
+    and the valid choices; returns nothing when the spec is valid.
+    """
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     if isinstance(separation, str):
@@ -86,9 +91,9 @@ def check_spec(attention: str = "hopfield", separation: Any = "softmax",
     for key in attn_kwargs:
         if key in _SPEC_KEYS:
             raise ValueError(f"attn_kwargs: {key!r} is set by the spec (attention=/separation=), not attn_kwargs")
-        if key not in _valid_options(attention):
-            raise ValueError(f"attn_kwargs: {key!r} is not an option of attention={attention!r}; "
-                             f"valid: {sorted(_valid_options(attention))}")
+        if key not in _valid_options(attention):  # TypeError, as Python's own unexpected keyword argument
+            raise TypeError(f"attn_kwargs: unexpected keyword argument {key!r} (not an option of "
+                            f"attention={attention!r}); valid: {sorted(_valid_options(attention))}")
 
 
 def layer_options(attention: str = "hopfield", separation: Any = "softmax",
