@@ -135,11 +135,13 @@ def test_compile_vih(attention):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hopfield", ["generalized", "dense", "sparse", "kernelized", "continuous"])
-def test_compile_stanhop(hopfield):
+@pytest.mark.parametrize("attention, separation", [("hopfield", "learnable"), ("hopfield", "softmax"),
+                                                   ("hopfield", "sparsemax"), ("kernelized", "softmax"),
+                                                   ("continuous", "softmax")])
+def test_compile_stanhop(attention, separation):
     torch.manual_seed(0)
     net = STanHopNet(3, 24, 12, d_model=16, num_heads=2, d_ff=32, num_router=2, dropout=0.0, seg_len=6,
-                     win_size=2, num_layers=1, hopfield=hopfield)
+                     win_size=2, num_layers=1, attention=attention, separation=separation)
     _compare(net, lambda: torch.randn(2, 24, 3), atol=1e-4)
 
 

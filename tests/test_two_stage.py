@@ -412,8 +412,8 @@ def test_stanhop_feature_maps_leave_the_task_loss(learnable_alpha):
     from hopformer.models import STanHopNet
 
     torch.manual_seed(0)
-    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, hopfield="kernelized",
-                     hopfield_kwargs={"learnable_alpha": learnable_alpha})
+    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, attention="kernelized",
+                     separation="learnable" if learnable_alpha else "softmax")
     excluded = UHopSeparation().exclude_feature_maps(net)
     assert len(excluded) == len(find_uhop_modules(net)) == 11
     net(torch.randn(2, 24, 3)).square().mean().backward()

@@ -4,12 +4,12 @@ Registered with timm, so ``timm.create_model("hopfield_vit_tiny_patch4_32", sepa
 num_classes=10)`` works. Every entry point takes
 
 - ``attention``: ``"hopfield"`` (:class:`hopformer.layers.HopfieldAttention`, dense/sparse/entmax),
-  ``"kernelized"`` (U-Hop, ``hopformer.layers.kernel.KernelizedHopfieldAttention``) or ``"continuous"``
-  (``hopformer.layers.continuous.ContinuousHopfieldAttention``, when present);
+  ``"kernelized"`` (U-Hop feature map, ``HopfieldAttention(kernelized=True)``) or ``"continuous"``
+  (continuous-time memory, ``HopfieldAttention(memory=...)``), mapped by :mod:`hopformer.layers.registry`;
 - ``separation``: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2], or
   ``"learnable"`` (alpha-entmax with alpha = 1 + sigmoid(a) learned per layer, Wu et al. 2024, eq. 3.3);
-- ``attn_kwargs``: further keyword arguments of the attention layer (``update_steps``, ``beta``,
-  ``learnable_beta``, kernel options, ...);
+- ``attn_kwargs``: further options of the attention layer (``update_steps``, ``beta``,
+  ``learnable_beta``, ``alpha``, kernel and memory options, ...);
 - every other ``VisionTransformer`` argument (``img_size``, ``in_chans``, ``depth``, ``drop_rate``, ...).
 
 The adapters keep timm's parameter names (``qkv``, ``proj``), so a plain timm ViT state dict loads
@@ -36,49 +36,24 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..layers import ContinuousHopfieldAttention, HopfieldAttention, KernelizedHopfieldAttention, LearnableAlpha
+from ..layers.registry import ATTENTIONS, attention_layer
 from ._cfgs import default_cfgs as default_cfgs_for, no_pretrained_weights
 
 __all__ = ["hopfield_attn_layer", "hopfield_vit", "load_vit_state_dict", "HOPFIELD_VIT_MODELS", "ATTENTIONS"]
 
-ATTENTIONS = ("hopfield", "kernelized", "continuous")
-HOPFIELD_ONLY_KEYS = ("alpha", "beta", "feature", "phi", "kernel")
+HOPFIELD_ONLY_KEYS = ("retrieval", "alpha", "beta", "feature", "phi", "kernel")
 
 
-class _LearnableAlphaAttention(HopfieldAttention):
-    """:class:`HopfieldAttention` with alpha-entmax whose alpha is learned (``alpha.logit`` parameter)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, *args, alpha: float = 1.5, alpha_per_head: bool = False, **kwargs):
-        kwargs.pop("separation", None)
-        super().__init__(dim, num_heads, *args, separation=float(alpha), **kwargs)
-        self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head)
-
-    def current_separation(self):
-        return self.alpha()
-
-
-def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any) -> type:
-    """The attention class for ``VisionTransformer(attn_layer=...)``.
+def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any):
+    """The ``attn_layer`` for ``VisionTransformer(attn_layer=...)``: a picklable
+    ``functools.partial(HopfieldAttention, ...)`` built by :func:`hopformer.layers.registry.attention_layer`.
 
     Args:
         attention: ``"hopfield"``, ``"kernelized"`` (U-Hop) or ``"continuous"``.
-        separation: a separation of ``hopformer.functional.separate`` or ``"learnable"`` (alpha-entmax,
-            learned alpha initialised at ``options["alpha"]`` or 1.5).
-        **options: further constructor arguments of the attention layer.
+        separation: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2] or ``"learnable"``.
+        **options: the spec's ``attn_kwargs`` (``update_steps``, ``beta``, ``alpha``, ``kernel_dim``, ``num_basis``, ...).
     """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    if attention == "hopfield":
-        if separation == "learnable":
-            return _LearnableAlphaAttention.configure(**options)
-        return HopfieldAttention.configure(separation=separation, **options)
-    if attention == "kernelized":
-        if separation == "learnable":
-            raise ValueError("separation='learnable' is available with attention='hopfield' only")
-        return KernelizedHopfieldAttention.configure(separation=separation, **options)
-    if separation != "softmax":
-        options = {"separation": separation, **options}
-    return ContinuousHopfieldAttention.configure(**options)
+    return attention_layer(attention, separation, options)
 
 
 def hopfield_vit(
@@ -88,8 +63,7 @@ def hopfield_vit(
     **kwargs: Any,
 ) -> VisionTransformer:
     """A ``VisionTransformer`` whose every attention is a Hopfield layer (see the module docstring)."""
-    attn_layer = hopfield_attn_layer(attention, separation, **dict(attn_kwargs or {}))
-    return VisionTransformer(attn_layer=attn_layer, **kwargs)
+    return VisionTransformer(attn_layer=attention_layer(attention, separation, attn_kwargs), **kwargs)
 
 
 def _hopfield_only(key: str) -> bool:

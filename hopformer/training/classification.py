@@ -215,7 +215,11 @@ class ClassificationModule(L.LightningModule):
 
     def _log_temperatures(self) -> None:
         """Log learnable alpha (entmax) and beta (inverse temperature), averaged over heads."""
+        from ..layers import HopfieldRetrieval
+
         for name, module in self.model.named_modules():
+            if isinstance(module, HopfieldRetrieval):  # its layer logs the same values under the layer's name
+                continue
             alpha = getattr(module, "alpha", None)
             if isinstance(alpha, nn.Module) and any(p.requires_grad for p in alpha.parameters()):
                 self.log(f"hopfield/{name}/alpha", alpha().detach().float().mean(), on_step=True, on_epoch=False)

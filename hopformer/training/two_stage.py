@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers.kernel import named_uhop_modules
+
 __all__ = ["UHopSeparation", "find_uhop_modules", "EMBEDDING_PARAMETERS"]
 
 Schedule = Literal["every_step", "per_epoch", "pretrain_epochs"]
@@ -46,22 +48,8 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 EMBEDDING_PARAMETERS = ("patch_embed", "cls_token", "pos_embed")
 
 
-def find_uhop_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` for every submodule that follows the U-Hop protocol.
-
-    The protocol (docs/ARCHITECTURE.md): ``feature_parameters()``, ``separation_loss(memories=None)``
-    and a boolean ``cache_memories`` attribute. Duck-typed so that any module honouring it
-    (``hopformer.layers.kernel.SeparationLossMixin`` subclasses included) takes part.
-    """
-    found = []
-    for name, module in model.named_modules():
-        if (
-            callable(getattr(module, "separation_loss", None))
-            and callable(getattr(module, "feature_parameters", None))
-            and hasattr(module, "cache_memories")
-        ):
-            found.append((name, module))
-    return found
+# the one U-Hop module finder lives with the layers (``hopformer.layers.named_uhop_modules``)
+find_uhop_modules = named_uhop_modules
 
 
 def _first_input(batch: Any) -> Any:
@@ -346,7 +334,7 @@ class UHopSeparation(L.Callback):
             raise RuntimeError(
                 "UHopSeparation: train_embedding/extra_parameters asked stage I to move parameters the separation "
                 f"loss does not depend on (no gradient reached any of them from the U-Hop layers {names}); the "
-                "layers must honour cache_with_grad (SeparationLossMixin does)"
+                "layers must honour cache_with_grad (UHopFeatureMap does)"
             )
         live = [(p, g.detach().clone()) for p, g in zip(self._params, grads) if g is not None]
         self._all_reduce_mean([g for _, g in live])
