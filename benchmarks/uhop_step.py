@@ -10,18 +10,25 @@ optimiser is the reference ("plain"); the two-stage steps add stage I (one separ
 The three are interleaved (round-robin, median over repetitions) in one run, so machine load hits
 them alike. Prints time per step, the ratio to the plain step, and stage I's share of the step.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/uhop_step.py [--model hopfield_vit_mini_patch4_32] [--batch 32] [--reps 20]
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model vih_patch4_32 --heads 8 --batch 128
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py [--model hopfield_vit_mini_patch4_32] [--batch 32] [--reps 20]
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model vih_patch4_32 --heads 8 --batch 128
+    OMP_NUM_THREADS=1 python benchmarks/uhop_step.py --model hopfield_vit_nano_patch2_8 --batch 64 --every 2 4
+
+The last one is the default job's setting (``python train.py``: nano ViT on 8x8 digits, batch 64).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout first
 
 from hopformer.training import ClassificationModule, UHopSeparation
 from hopformer.training.classification import expected_input
@@ -53,6 +60,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--memory-sets", type=int, default=None, help="UHopSeparation(memory_sets=...): samples per stage-I loss")
+    p.add_argument("--every", type=int, nargs="*", default=[],
+                   help="also time UHopSeparation(every_n_batches=n) for these n (both memory sources): stage I "
+                        "on one of n steps, time per step averaged over the n steps")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -75,17 +85,31 @@ def main() -> None:
         callback.separation_step_cached()
 
     runs = {"plain (stage II only)": plain, "fresh (extra forward)": fresh, "training_forward": training_forward}
+
+    def every(n: int, first) -> callable:
+        def run() -> None:
+            first()
+            for _ in range(n - 1):
+                plain()
+        run.steps = n
+        return run
+
+    for n in args.every:
+        if n > 1:
+            runs[f"fresh, every_n_batches {n}"] = every(n, fresh)
+            runs[f"training_forward, every_n_batches {n}"] = every(n, training_forward)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(args.warmup + args.reps):
         for name, fn in runs.items():
             start = time.perf_counter()
             fn()
             if rep >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / getattr(fn, "steps", 1))
     ref = statistics.median(times["plain (stage II only)"])
     print(f"{args.model} (kernelized{'' if args.heads is None else f', {args.heads} heads'}), batch {args.batch}, "
           f"stage-I memory sets {args.memory_sets or args.batch}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"| step | ms/step | ratio to plain | stage-I share of the step |\n| --- | --- | --- | --- |")
     for name, values in times.items():
         t = statistics.median(values)

@@ -6,7 +6,7 @@ from torch import nn
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from hopformer.functional import hopfield_energy, separate
-from hopformer.layers import HopfieldAttention, MultiheadHopfield
+from hopformer.layers import HopfieldAttention, MultiheadHopfield, attention_layer
 
 
 def _pair(**kwargs):
@@ -91,7 +91,7 @@ def test_hopfield_vit_loads_plain_vit_weights_and_reproduces_it():
     hop.load_state_dict(plain.state_dict())
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(hop(images), plain(images))
-    sparse = VisionTransformer(**cfg, attn_layer=HopfieldAttention.configure(separation="sparsemax")).eval()
+    sparse = VisionTransformer(**cfg, attn_layer=attention_layer(separation="sparsemax")).eval()
     sparse.load_state_dict(plain.state_dict())
     assert sparse.blocks[0].attn.separation == "sparsemax"
     assert not torch.allclose(sparse(images), plain(images))

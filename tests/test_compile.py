@@ -106,6 +106,17 @@ VIT_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("config", ["sparsemax", "learnable", "kernelized"])
+def test_sparse_vit_traces_without_graph_breaks(config):
+    """One graph for the whole model: no data-dependent check (alpha range, alpha == 1) breaks it while
+    compiling (tracing only, no code generation: fast)."""
+    torch._dynamo.reset()
+    model = timm.create_model("hopfield_vit_nano_patch2_8", depth=1, **VIT_CONFIGS[config])
+    explained = torch._dynamo.explain(model)(torch.randn(2, 1, 8, 8))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(VIT_CONFIGS))
 def test_compile_hopfield_vit(config):
@@ -124,11 +135,13 @@ def test_compile_vih(attention):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hopfield", ["generalized", "dense", "sparse", "kernelized", "continuous"])
-def test_compile_stanhop(hopfield):
+@pytest.mark.parametrize("attention, separation", [("hopfield", "learnable"), ("hopfield", "softmax"),
+                                                   ("hopfield", "sparsemax"), ("kernelized", "softmax"),
+                                                   ("continuous", "softmax")])
+def test_compile_stanhop(attention, separation):
     torch.manual_seed(0)
     net = STanHopNet(3, 24, 12, d_model=16, num_heads=2, d_ff=32, num_router=2, dropout=0.0, seg_len=6,
-                     win_size=2, num_layers=1, hopfield=hopfield)
+                     win_size=2, num_layers=1, attention=attention, separation=separation)
     _compare(net, lambda: torch.randn(2, 24, 3), atol=1e-4)
 
 

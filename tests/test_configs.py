@@ -1,7 +1,7 @@
 """Composable configs (docs/configs.md): every old config is one command that resolves to the same values.
 
-``tests/data/old_configs_resolved.json`` is a frozen copy of what each file of the old flat layout
-(``git show 2d34428:configs/<name>.yaml``) resolved to with the CLI of that time: every option,
+``tests/fixtures/old_configs_resolved.json`` is a frozen copy of what each file of the old flat layout
+(``git show a08e46f:configs/<name>.yaml``) resolved to with the CLI of that time: every option,
 defaults included, flattened to dotted keys; keys equal in all files are stored once under ``common``.
 The commands come from the table of docs/configs.md, so the documented command is the tested one.
 """
@@ -21,7 +21,7 @@ from hopformer import cli
 from hopformer.data import CIFAR10DataModule, CIFAR100DataModule, TinyImageNetDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = json.loads((ROOT / "tests" / "data" / "old_configs_resolved.json").read_text())
+OLD = json.loads((ROOT / "tests" / "fixtures" / "old_configs_resolved.json").read_text())
 ROW = re.compile(r"^\| `(?P<old>[\w.]+)\.yaml` \| `python train\.py (?P<sub>\w+) (?P<args>[^`]*)` \|$", re.M)
 TABLE = {m["old"]: (m["sub"], shlex.split(m["args"])) for m in ROW.finditer((ROOT / "docs" / "configs.md").read_text())}
 

@@ -21,7 +21,13 @@ from hopformer.functional.continuous import (
     ridge_factor,
     trapezoid_rule,
 )
-from hopformer.layers import ContinuousHopfield, ContinuousHopfieldAttention, GaussianBasis, RectangularBasis
+from hopformer.layers import (
+    ContinuousHopfield,
+    ContinuousHopfieldAttention,
+    GaussianBasis,
+    RectangularBasis,
+    attention_layer,
+)
 
 D64 = torch.float64
 
@@ -222,7 +228,7 @@ def test_timm_attention_drop_in():
     x = torch.randn(2, 9, 16)
     assert attn(x).shape == x.shape and attn.energy(x).shape == (2, 2, 9)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3,
-                            attn_layer=ContinuousHopfieldAttention.configure(num_basis=5, basis="gaussian"))
+                            attn_layer=attention_layer("continuous", "softmax", {"num_basis": 5, "basis": "gaussian"}))
     assert vit(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     with pytest.raises(ValueError, match="attn_mask"):
         attn(x, attn_mask=torch.ones(9, 9, dtype=torch.bool))

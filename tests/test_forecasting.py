@@ -118,7 +118,7 @@ def test_uhop_two_stage_moves_only_the_feature_maps(tmp_path):
     dm = datamodule(tmp_path, input_len=24, horizon=12, batch_size=16)
     dm.setup("fit")
     net = STanHopNet(dm.num_series, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2,
-                     hopfield="kernelized")
+                     attention="kernelized", separation="softmax")
     module = ForecastingModule(net, lr=1e-3, plot_windows=0)
     assert len(find_uhop_modules(module)) == 3 * 3 + 2  # 3 per block (1 encoder + 2 decoder), 1 cross per decoder layer
     callback = UHopSeparation(steps=1, lr=0.1)

@@ -30,6 +30,7 @@ from hopformer.layers import (
     KernelizedMultiheadHopfield,
     MultiheadHopfield,
     SparseHopfield,
+    attention_layer,
 )
 
 SEPARATIONS = ["softmax", "sparsemax", "entmax15", 1.3, "learnable"]
@@ -136,7 +137,7 @@ class _TinyHopfieldClassifier(L.LightningModule):
     def __init__(self, separation) -> None:
         super().__init__()
         self.net = VisionTransformer(img_size=8, patch_size=1, in_chans=1, embed_dim=DIM, depth=1, num_heads=HEADS,
-                                     num_classes=3, attn_layer=HopfieldAttention.configure(**_kw(separation)))
+                                     num_classes=3, attn_layer=attention_layer(**_kw(separation)))
 
     def _step(self, batch, name):
         x, y = batch

@@ -7,13 +7,16 @@ import math
 import pytest
 import torch
 
-from hopformer.layers import Hopfield, HopfieldAttention, MultiheadHopfield
-from hopformer.layers.kernel import (
+from hopformer.layers import (
     FeatureMap,
+    Hopfield,
+    HopfieldAttention,
     KernelizedHopfield,
     KernelizedHopfieldAttention,
     KernelizedMultiheadHopfield,
-    SeparationLossMixin,
+    MultiheadHopfield,
+    UHopFeatureMap,
+    attention_layer,
     uhop_modules,
 )
 
@@ -116,7 +119,7 @@ def test_cross_association_with_different_dims():
 def test_protocol_cache_and_separation_loss():
     torch.manual_seed(5)
     layer = KernelizedHopfield(8, 2, t=1.0, loss="orthogonal")
-    assert isinstance(layer, SeparationLossMixin) and layer.cache_memories is False
+    assert isinstance(layer.feature_map, UHopFeatureMap) and layer.cache_memories is False
     with pytest.raises(RuntimeError, match="cache_memories"):
         layer.separation_loss()
     x = torch.randn(3, 5, 8)
@@ -155,7 +158,7 @@ def test_uhop_modules_in_a_vit():
 
     torch.manual_seed(7)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=3,
-                            attn_layer=KernelizedHopfieldAttention.configure(separation="sparsemax", kernel_dim=48))
+                            attn_layer=attention_layer("kernelized", "sparsemax", {"kernel_dim": 48}))
     mods = uhop_modules(vit)
     assert len(mods) == 2
     for m in mods:

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from hopformer.functional import separate
-from hopformer.layers import HopfieldAttention, KernelizedHopfield, KernelizedHopfieldAttention, uhop_modules
+from hopformer.layers import Hopfield, HopfieldAttention, UHopFeatureMap, uhop_modules
 from hopformer.models import HOPFIELD_VIT_MODELS, ViH, load_vit_state_dict
 from hopformer.models.vit import hopfield_attn_layer
 
@@ -76,7 +76,8 @@ def test_load_vit_state_dict_rejects_other_shapes():
 def test_kernelized_vit_has_uhop_layers():
     model = timm.create_model("hopfield_vit_tiny_patch4_32", attention="kernelized", separation="sparsemax", **SMALL)
     assert len(uhop_modules(model)) == 2
-    assert isinstance(model.blocks[0].attn, KernelizedHopfieldAttention)
+    assert isinstance(model.blocks[0].attn, HopfieldAttention)
+    assert isinstance(model.blocks[0].attn.feature_map, UHopFeatureMap)
     model.blocks[0].attn.cache_memories = True
     with torch.no_grad():
         model(torch.randn(3, 3, 32, 32))
@@ -102,7 +103,7 @@ def test_vih(depth, attention):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     if attention == "kernelized":
         layers = uhop_modules(model)
-        assert len(layers) == depth and all(isinstance(m, KernelizedHopfield) for m in layers)
+        assert len(layers) == depth and all(isinstance(m, Hopfield) and isinstance(m.feature_map, UHopFeatureMap) for m in layers)
         layers[-1].cache_memories = True
         model(torch.randn(2, 3, 32, 32))
         assert layers[-1].cached_memories.shape == (2, 64, 64)  # the 64 patch tokens are the memories

@@ -197,14 +197,14 @@ def test_cifar10_offline_mentions_the_folder_configs(tmp_path, monkeypatch):
     from hopformer.data import CIFAR10DataModule
     from hopformer.data.errors import DownloadError
 
-    with pytest.raises(FileNotFoundError, match=r"configs/data/cifar10_folder\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"configs/images/cifar10_folder\.yaml"):
         CIFAR10DataModule(str(tmp_path / "nowhere"), download=False)
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
-    with pytest.raises(DownloadError, match=r"configs/data/cifar10_folder\.yaml"):
+    with pytest.raises(DownloadError, match=r"configs/images/cifar10_folder\.yaml"):
         CIFAR10DataModule(str(tmp_path / "data"), download=True).prepare_data()
     assert not (tmp_path / "data").exists()
 

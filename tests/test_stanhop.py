@@ -50,7 +50,7 @@ def test_every_parameter_gets_a_gradient_and_alpha_is_per_layer():
     alphas = [m for m in net.modules() if isinstance(m, LearnableAlpha)]
     # 3 associations per block (time, router sender, receiver); 2 encoder + 3 decoder blocks; +1 cross per decoder layer
     assert len(alphas) == 3 * 5 + 3 and all(a.logit.shape == (1,) for a in alphas)
-    per_head = small_net(hopfield_kwargs={"alpha_per_head": True})
+    per_head = small_net(attn_kwargs={"alpha_per_head": True})
     assert per_head.encoder[0].time_hopfield.alpha.logit.shape == (2, 1, 1)
 
 
@@ -111,29 +111,29 @@ def test_revin_round_trip_and_memory_fill():
 
 
 def test_factory_maps_names_to_layers():
-    assert type(build_hopfield("generalized", 16, 2)) is GeneralizedSparseHopfield
-    assert type(build_hopfield("dense", 16, 2)) is Hopfield
-    assert type(build_hopfield("sparse", 16, 2)) is SparseHopfield
-    with pytest.raises(ValueError, match="hopfield="):
+    gsh = build_hopfield("hopfield", 16, 2)  # STanHop's default: GSH, learned alpha-entmax
+    assert type(gsh) is Hopfield and isinstance(gsh.alpha, LearnableAlpha)
+    assert type(GeneralizedSparseHopfield(16, 2)) is Hopfield and isinstance(GeneralizedSparseHopfield(16, 2).alpha, LearnableAlpha)
+    dense = build_hopfield("hopfield", 16, 2, separation="softmax")
+    assert type(dense) is Hopfield and dense.alpha is None and dense.separation == "softmax"
+    assert build_hopfield("hopfield", 16, 2, separation="sparsemax").separation == SparseHopfield(16, 2).separation == "sparsemax"
+    with pytest.raises(ValueError, match="attention must be one of"):
         build_hopfield("quantum", 16, 2)
-    with pytest.raises(ValueError, match="hopfield="):
-        STanHopNet(3, 24, 12, hopfield="quantum")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        STanHopNet(3, 24, 12, attention="quantum")
 
 
-@pytest.mark.parametrize("kind, kwargs", [("dense", {}), ("sparse", {}), ("kernelized", {}),
-                                          ("kernelized", {"learnable_alpha": True}), ("continuous", {})])
-def test_variants_run_in_the_net(kind, kwargs):
-    if kind == "kernelized":
-        pytest.importorskip("hopformer.layers.kernel")
-    if kind == "continuous":
-        pytest.importorskip("hopformer.layers.continuous")
-    net = small_net(hopfield=kind, hopfield_kwargs=kwargs)
+@pytest.mark.parametrize("attention, separation", [("hopfield", "softmax"), ("hopfield", "sparsemax"),
+                                                   ("kernelized", "softmax"), ("kernelized", "learnable"),
+                                                   ("continuous", "softmax")])
+def test_variants_run_in_the_net(attention, separation):
+    net = small_net(attention=attention, separation=separation)
     out = net(torch.randn(2, 50, 5))
     assert out.shape == (2, 37, 5) and torch.isfinite(out).all()
-    if kwargs.get("learnable_alpha"):  # U-Hop's kernel on GSH keeps a learnable alpha in (1, 2)
+    if attention == "kernelized" and separation == "learnable":  # U-Hop's kernel on GSH keeps a learnable alpha in (1, 2)
         alpha = net.encoder[0].time_hopfield.current_separation()
         assert alpha.requires_grad and 1 < float(alpha) < 2
-    if kind == "sparse":  # sparsemax associations really are sparse (not softmax in disguise)
+    if separation == "sparsemax":  # sparsemax associations really are sparse (not softmax in disguise)
         z = torch.randn(2, 5, 16)
         _, assoc = net.encoder[0].time_hopfield(z, return_association=True)
         assert (assoc == 0).any()

@@ -412,8 +412,8 @@ def test_stanhop_feature_maps_leave_the_task_loss(learnable_alpha):
     from hopformer.models import STanHopNet
 
     torch.manual_seed(0)
-    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, hopfield="kernelized",
-                     hopfield_kwargs={"learnable_alpha": learnable_alpha})
+    net = STanHopNet(3, 24, 12, seg_len=6, d_model=8, num_heads=2, d_ff=16, num_router=2, attention="kernelized",
+                     separation="learnable" if learnable_alpha else "softmax")
     excluded = UHopSeparation().exclude_feature_maps(net)
     assert len(excluded) == len(find_uhop_modules(net)) == 11
     net(torch.randn(2, 24, 3)).square().mean().backward()
@@ -452,3 +452,17 @@ def test_diagnostics_without_stage_one():
     trainer.fit(module, DataLoader(data, batch_size=4))
     assert "uhop/cond/model.blocks.0.attn" in trainer.callback_metrics
     assert "uhop/sep_loss" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("memories", ["fresh", "training_forward"])
+def test_every_n_batches_runs_stage_one_on_every_nth_batch(memories):
+    """every_n_batches=n: stage I (and, for 'fresh', its extra forward) only on batches 0, n, 2n, ... of an epoch."""
+    torch.manual_seed(0)
+    module = CountingToy()
+    cb = UHopSeparation(memories=memories, every_n_batches=2)
+    _trainer([cb], max_steps=5).fit(module, DataLoader(_data(), batch_size=4))  # 8 batches per epoch: 0..4
+    assert cb.stage_one_steps == 3  # batches 0, 2, 4
+    assert module.forwards == 5 + (3 if memories == "fresh" else 0)
+    assert module.layer.cached_memories is None and not module.layer.cache_memories
+    with pytest.raises(ValueError, match="every_n_batches"):
+        UHopSeparation(every_n_batches=0)

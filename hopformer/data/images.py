@@ -27,6 +27,9 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from ..constants import (  # noqa: F401  (re-exported: the statistics the models' pretrained_cfg report)
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD,
+)
 from .errors import DownloadError, remove_if_created_empty
 
 __all__ = [
@@ -40,9 +43,6 @@ __all__ = [
     "IMAGE_DATAMODULES",
 ]
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -222,6 +222,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     num_classes, image_size, num_channels = 10, 8, 1
+    mean, std = DIGITS_MEAN, DIGITS_STD
 
     def __init__(self, val_size: int | float = 180, test_size: int = 360, batch_size: int = 64, **kwargs) -> None:
         super().__init__(val_size=val_size, batch_size=batch_size, **kwargs)
@@ -234,7 +235,7 @@ class DigitsDataModule(ImageDataModule):
 
         digits = load_digits()
         x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0
-        x = (rearrange(x, "n (c h w) -> n c h w", c=1, h=8, w=8) - 0.5) / 0.5
+        x = (rearrange(x, "n (c h w) -> n c h w", c=1, h=8, w=8) - self.mean[0]) / self.std[0]
         y = torch.as_tensor(digits.target, dtype=torch.long)
         rest, test = split_indices(len(y), self.test_size, self.seed + 1000)
         self.test_set = TensorDataset(x[test], y[test])
@@ -254,7 +255,7 @@ class CIFAR10DataModule(ImageDataModule):
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     folder = "cifar-10-batches-py"
     how_to_get = ("Set data.init_args.download=true (needs network), copy the torchvision CIFAR files there, or "
-                  "train from an ImageFolder copy (one folder per class) with configs/data/cifar10_folder.yaml.")
+                  "train from an ImageFolder copy (one folder per class) with configs/images/cifar10_folder.yaml.")
 
     def __init__(self, root: str = "data", download: bool = False, **kwargs) -> None:
         super().__init__(root=root, **kwargs)
@@ -279,7 +280,7 @@ class CIFAR10DataModule(ImageDataModule):
                 raise DownloadError(
                     f"{type(self).__name__}: download to '{self.root}' failed ({err!r}). Without network, "
                     f"copy the torchvision files to '{self.root / self.folder}' and set download=false"
-                    + (" (or use configs/data/cifar10_folder.yaml with an ImageFolder copy)." if self.num_classes == 10 else ".")
+                    + (" (or use configs/images/cifar10_folder.yaml with an ImageFolder copy)." if self.num_classes == 10 else ".")
                 ) from None
 
     def setup(self, stage: str | None = None) -> None:

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..checks import positive_int
+
 __all__ = [
     "memory_positions",
     "rectangular_basis",
@@ -38,11 +40,6 @@ __all__ = [
     "continuous_energy",
 ]
 
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_ridge(ridge) -> float:
@@ -60,7 +57,7 @@ def _check_beta(beta) -> None:
 
 def memory_positions(length: int, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """Positions ``t_l`` of ``length`` memories, evenly spaced in [0, 1] (``[0.]`` for one memory)."""
-    _check_positive_int("length (number of memories L)", length)
+    positive_int("length (number of memories L)", length)
     if length == 1:
         return torch.zeros(1, dtype=dtype, device=device)
     return torch.linspace(0.0, 1.0, length, dtype=dtype, device=device)
@@ -68,14 +65,14 @@ def memory_positions(length: int, *, dtype: torch.dtype = torch.float32, device=
 
 def rectangular_basis(t: Tensor, num_basis: int) -> Tensor:
     """Rectangular boxes ``psi_n(t) = 1[n/N <= t < (n+1)/N]`` (the last box closed at 1): ``(..., N)``."""
-    _check_positive_int("num_basis (N)", num_basis)
+    positive_int("num_basis (N)", num_basis)
     index = torch.clamp((t * num_basis).floor().long(), 0, num_basis - 1)
     return torch.nn.functional.one_hot(index, num_basis).to(t.dtype)
 
 
 def rectangular_integral(num_basis: int, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """``int_0^1 psi_n(t) dt = 1/N`` for each box: ``(N,)``."""
-    _check_positive_int("num_basis (N)", num_basis)
+    positive_int("num_basis (N)", num_basis)
     return torch.full((num_basis,), 1.0 / num_basis, dtype=dtype, device=device)
 
 
@@ -99,7 +96,7 @@ def gaussian_integral(centers: Tensor, widths: Tensor) -> Tensor:
 
 def trapezoid_rule(num_points: int, *, dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
     """Nodes ``t_k`` (``K`` evenly spaced in [0, 1]) and trapezoid weights (summing to 1): two ``(K,)`` tensors."""
-    _check_positive_int("num_points (K, quadrature points)", num_points, minimum=2)
+    positive_int("num_points (K, quadrature points)", num_points, minimum=2)
     nodes = torch.linspace(0.0, 1.0, num_points, dtype=dtype, device=device)
     weights = torch.full((num_points,), 1.0 / (num_points - 1), dtype=dtype, device=device)
     weights[0] = weights[-1] = 0.5 / (num_points - 1)
@@ -251,7 +248,7 @@ def continuous_retrieve(
     """
     _check_retrieval(query, coefficients, psi)
     _check_beta(beta)
-    _check_positive_int("steps", steps)
+    positive_int("steps", steps)
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be positive or None, got {eps!r}")
     values = coefficients if value_coefficients is None else value_coefficients

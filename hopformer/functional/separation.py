@@ -72,8 +72,8 @@ def check_separation(separation: Separation) -> Separation:
     if isinstance(separation, torch.Tensor):
         if not separation.is_floating_point():
             raise ValueError(f"separation: a tensor alpha must be floating point; got dtype {separation.dtype}")
-        if separation.numel() and not torch.jit.is_tracing():
-            lo, hi = torch.aminmax(separation.detach())
+        if separation.numel() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(separation.detach())  # data-dependent: skipped while compiling
             if not (bool(lo >= 1.0) and bool(hi <= 2.0)):  # also False for NaN
                 raise ValueError(
                     f"separation: tensor alpha must lie in [1, 2]; got values in [{lo.item():.4g}, {hi.item():.4g}]"
@@ -355,6 +355,9 @@ def separation_conjugate(scores: torch.Tensor, separation: Separation, dim: int 
 # ----------------------------------------------------------------------------- fused attention core
 
 
+_COMPILED_ALPHA_FLOOR = 1e-5
+
+
 def separated_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -406,9 +409,15 @@ def separated_attention(
     alpha = _ALPHA_OF.get(spec, spec) if isinstance(spec, str) else spec
     if isinstance(alpha, float) and alpha == 1.0:
         return _softmax_attention(query, keys, values, beta, mask)
-    if (isinstance(alpha, torch.Tensor) and bool((alpha == 1.0).any())) or (
-        mask is not None and mask.requires_grad and torch.is_grad_enabled()
-    ):  # rare cases: explicit path
+    if isinstance(alpha, torch.Tensor) and torch.compiler.is_compiling():
+        # No data-dependent branch while compiling (it would break the graph at every layer): rows with
+        # alpha = 1, which eager sends to the explicit path, run in the core at alpha = 1 + 1e-5 (softmax
+        # to about 1e-3; a learnable alpha = 1 + sigmoid(a) only gets there when sigmoid underflows).
+        alpha = alpha.clamp_min(1.0 + _COMPILED_ALPHA_FLOOR)
+        unit_alpha = False
+    else:
+        unit_alpha = isinstance(alpha, torch.Tensor) and bool((alpha == 1.0).any())
+    if unit_alpha or (mask is not None and mask.requires_grad and torch.is_grad_enabled()):  # rare cases: explicit path
         scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

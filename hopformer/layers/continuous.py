@@ -1,8 +1,8 @@
-"""Continuous-time memory attention (Santos et al. 2025, arXiv 2502.10122) as a drop-in ``Hopfield`` layer.
+"""Continuous-time memory (Santos et al. 2025, arXiv 2502.10122): the memory of a :class:`HopfieldRetrieval`.
 
-``ContinuousHopfield`` projects queries, keys and values like :class:`hopformer.layers.Hopfield`,
-then compresses each head's ``L`` keys and values into ``N`` basis coefficients by ridge regression
-(eq. 5) and retrieves with the Gibbs expectation update (eqs. 7-8). A query then costs ``O(N d)``
+Passed as ``memory=ContinuousMemory(...)`` to any Hopfield interface (``Hopfield``, ``HopfieldAttention``,
+``MultiheadHopfield``), it compresses each head's ``L`` keys and values into ``N`` basis coefficients by ridge
+regression (eq. 5) and retrieves with the Gibbs expectation update (eqs. 7-8). A query then costs ``O(N d)``
 (rectangular boxes, exact closed form) or ``O(K N + N d)`` (trapezoid rule on ``K`` points)
 instead of ``O(L d)``; the compression itself is one ``(N x L) @ (L x d)`` product per head with a
 factor cached per ``(L, N, lambda, basis)``.
@@ -11,11 +11,12 @@ factor cached per ``(L, N, lambda, basis)``.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..functional.continuous import (
     continuous_energy,
     continuous_retrieve,
@@ -29,15 +30,13 @@ from ..functional.continuous import (
     ridge_factor,
     trapezoid_rule,
 )
-from .adapters import HopfieldAttention
-from .hopfield import Hopfield, _positive_int
 
 __all__ = [
     "RectangularBasis",
     "GaussianBasis",
     "ContinuousMemory",
-    "ContinuousHopfield",
-    "ContinuousHopfieldAttention",
+    "MEMORY_OPTIONS",
+    "as_memory",
     "make_basis",
 ]
 
@@ -53,7 +52,7 @@ class RectangularBasis(nn.Module):
 
     def __init__(self, num_basis: int) -> None:
         super().__init__()
-        self.num_basis = _positive_int("num_basis", num_basis)
+        self.num_basis = positive_int("num_basis", num_basis)
 
     def forward(self, t: Tensor) -> Tensor:
         """``psi(t)``: positions of any shape -> ``(..., N)``."""
@@ -85,7 +84,7 @@ class GaussianBasis(nn.Module):
 
     def __init__(self, num_basis: int, width: float | None = None, learnable: bool = False) -> None:
         super().__init__()
-        self.num_basis = _positive_int("num_basis", num_basis)
+        self.num_basis = positive_int("num_basis", num_basis)
         width = 1.0 / num_basis if width is None else width
         if not isinstance(width, (int, float)) or not width > 0:
             raise ValueError(f"width (sigma of the Gaussian basis) must be > 0, got {width!r}")
@@ -152,12 +151,10 @@ class ContinuousMemory(nn.Module):
         clip_basis: bool = True,
     ) -> None:
         super().__init__()
-        self.basis = make_basis(basis, _positive_int("num_basis", num_basis))
+        self.basis = make_basis(basis, positive_int("num_basis", num_basis))
         self.num_basis = self.basis.num_basis
-        if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge >= 0:
-            raise ValueError(f"ridge (lambda of eq. 5) must be >= 0, got {ridge!r}")
-        if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
-            raise ValueError(f"num_points (K, trapezoid points) must be an integer >= 2, got {num_points!r}")
+        positive_float("ridge (lambda of eq. 5)", ridge, allow_zero=True)
+        positive_int("num_points (K, trapezoid points)", num_points, minimum=2)
         if integration not in ("auto", "exact", "trapezoid"):
             raise ValueError(f"integration must be 'auto', 'exact' or 'trapezoid', got {integration!r}")
         if integration == "exact" and not isinstance(self.basis, RectangularBasis):
@@ -242,145 +239,19 @@ class ContinuousMemory(nn.Module):
         return f"num_basis={self.num_basis}, ridge={self.ridge}, integration={how}"
 
 
-_MEMORY_OPTIONS = ("num_basis", "basis", "ridge", "num_points", "integration", "clip_basis")
-
-_ATTN_MASK_ERROR = (
-    "continuous-time memory compresses the keys into basis coefficients, so an attn_mask (or is_causal) over "
-    "discrete keys has no meaning after compression; use key_padding_mask (applied before compression) or a "
-    "discrete Hopfield layer"
-)
+MEMORY_OPTIONS = ("num_basis", "basis", "ridge", "num_points", "integration", "clip_basis")
 
 
-class ContinuousHopfield(Hopfield):
-    """Multi-head Hopfield association with continuous-time memories (Santos et al. 2025).
-
-    Same constructor style and forward signature as :class:`hopformer.layers.Hopfield` (its
-    projections, heads and beta), plus the :class:`ContinuousMemory` options.
-
-    Args:
-        dim, num_heads: as :class:`Hopfield`.
-        num_basis: number of basis functions ``N`` the ``L`` keys/values are compressed to.
-        basis: ``"rectangular"`` (paper), ``"gaussian"``, or a basis module.
-        ridge: ridge penalty ``lambda >= 0`` of eq. (5).
-        num_points: trapezoid points ``K`` (>= 2) (paper: 500).
-        integration: ``"auto"``, ``"exact"`` (boxes) or ``"trapezoid"``.
-        clip_basis: use ``min(N, L)`` functions for memory sets shorter than ``N``.
-        **kwargs: the other :class:`Hopfield` arguments (``stored_dim``, ``value_dim``, ``head_dim``,
-            ``out_dim``, ``beta``, ``learnable_beta``, ``update_steps``, ``eps``, ``dropout``,
-            ``bias``, ``project``); ``separation`` may only be ``"softmax"`` (the Gibbs density is a
-            continuous softmax), anything else raises ``TypeError``.
-
-    Masks: ``key_padding_mask`` (``True`` = ignore) removes padded memories *before* compression;
-    the valid ones of each set are re-spaced over [0, 1]. ``attn_mask`` addresses individual
-    discrete keys, which no longer exist after compression: passing one raises ``ValueError``.
-    ``dropout`` acts on the basis responsibilities. ``return_association`` returns the
-    ``(B, heads, Lq, N)`` responsibilities ``int p(t) psi(t) dt`` over the basis functions.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 1,
-        *,
-        num_basis: int = 16,
-        basis: str | nn.Module = "rectangular",
-        ridge: float = 1e-3,
-        num_points: int = 500,
-        integration: str = "auto",
-        clip_basis: bool = True,
-        **kwargs,
-    ) -> None:
-        if kwargs.pop("separation", "softmax") != "softmax":
-            raise TypeError("ContinuousHopfield retrieves with the Gibbs density (a continuous softmax); separation must be 'softmax'")
-        super().__init__(dim, num_heads, **kwargs)
-        self.memory = ContinuousMemory(num_basis, basis, ridge, num_points, integration, clip_basis)
-
-    def _prepare(self, state, stored, values, key_padding_mask, attn_mask):
-        if attn_mask is not None:
-            raise ValueError(_ATTN_MASK_ERROR)
-        stored = state if stored is None else stored
-        values = stored if values is None else values
-        self._check_inputs(state, stored, values)
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (state.shape[0], stored.shape[1]):
-            raise ValueError(
-                f"key_padding_mask must have shape (batch, n_keys) = {(state.shape[0], stored.shape[1])}, "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
-        return stored, values
-
-    def forward(
-        self,
-        state: Tensor,
-        stored: Tensor | None = None,
-        values: Tensor | None = None,
-        *,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        return_association: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Retrieve for each state pattern from the continuous memory of ``stored``.
-
-        Args:
-            state: ``(B, Lq, dim)``.
-            stored: ``(B, Lk, stored_dim)``; ``None`` = self-association.
-            values: ``(B, Lk, value_dim)``; default ``stored``.
-            key_padding_mask: ``(B, Lk)``, ``True`` where a stored pattern is ignored (before compression).
-            attn_mask: must be ``None`` (see the class docstring).
-            return_association: also return the responsibilities ``(B, heads, Lq, N)``.
-        """
-        stored, values = self._prepare(state, stored, values, key_padding_mask, attn_mask)
-        q, k, v = self.project_query(state), self.project_keys(stored), self.project_values(values)
-        retrieved, resp = self.memory.retrieve(
-            q, k, v, beta=self.beta(), steps=self.update_steps, eps=self.eps, key_padding_mask=key_padding_mask,
-            dropout=self.dropout if self.training else 0.0,
-        )
-        out = self.project_output(retrieved)
-        return (out, resp) if return_association else out
-
-    def energy(self, state: Tensor, stored: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Energy (6) of each projected state pattern per head, ``(B, heads, Lq)``."""
-        stored, _ = self._prepare(state, stored, None, key_padding_mask, None)
-        q, k = self.project_query(state), self.project_keys(stored)
-        return self.memory.energy(q, k, beta=self.beta(), key_padding_mask=key_padding_mask)
-
-
-class ContinuousHopfieldAttention(HopfieldAttention):
-    """timm's ViT ``Attention`` (``x -> x``) whose tokens are retrieved from a continuous-time memory.
-
-    Same constructor, parameters and state dict as :class:`hopformer.layers.HopfieldAttention`
-    (timm's ``Attention`` plus ``beta``, ``learnable_beta``, ``update_steps``, ``eps``), plus the
-    :class:`ContinuousMemory` options ``num_basis``, ``basis``, ``ridge``, ``num_points``,
-    ``integration``, ``clip_basis``. ``attn_mask``/``is_causal`` raise ``ValueError`` (no discrete
-    keys after compression). Use ``ContinuousHopfieldAttention.configure(num_basis=...)`` as
-    ``VisionTransformer``'s ``attn_layer``.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = dict(kwargs)
-        if options.pop("separation", "softmax") != "softmax":
-            raise TypeError("ContinuousHopfieldAttention retrieves with the Gibbs density (a continuous softmax); separation must be 'softmax'")
-        memory = {name: options.pop(name) for name in _MEMORY_OPTIONS if name in options}
-        super().__init__(dim, num_heads, *args, **options)
-        self.memory = ContinuousMemory(**memory)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                return_association: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``x`` ``(B, N, dim)`` -> ``(B, N, dim_out)`` (and the responsibilities ``(B, heads, N, num_basis)``)."""
-        if attn_mask is not None or is_causal:
-            raise ValueError(_ATTN_MASK_ERROR)
-        if x.dim() != 3:
-            raise ValueError(f"x must have shape (batch, tokens, dim), got {tuple(x.shape)}")
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        q, k, v = self._qkv(x)
-        out, resp = self.memory.retrieve(q, k, v, beta=self.beta(), steps=self.update_steps, eps=self.eps,
-                                         dropout=self.attn_drop.p if self.training else 0.0)
-        out = self.norm(rearrange(out, "b h n d -> b n (h d)"))
-        if gate is not None:
-            out = out * gate
-        out = self.proj_drop(self.proj(out))
-        return (out, resp) if return_association else out
-
-    def energy(self, x: Tensor) -> Tensor:
-        """Energy (6) of each token's query against the compressed keys, ``(B, heads, N)``."""
-        q, k, _ = self._qkv(x)
-        return self.memory.energy(q, k, beta=self.beta())
+def as_memory(memory: "ContinuousMemory | Mapping[str, Any] | None") -> "ContinuousMemory | None":
+    """The memory of a Hopfield interface: ``None`` (discrete), a :class:`ContinuousMemory`, or a dict of its
+    options (``{"num_basis": 16}``; a new memory per layer, so a ``functools.partial`` stays shareable)."""
+    if memory is None or (isinstance(memory, nn.Module) and callable(getattr(memory, "retrieve", None))):
+        return memory  # a ContinuousMemory, or any module with its retrieve/energy interface
+    if isinstance(memory, Mapping):
+        unknown = sorted(set(memory) - set(MEMORY_OPTIONS))
+        if unknown:
+            raise ValueError(f"memory: unknown ContinuousMemory options {unknown}; valid: {list(MEMORY_OPTIONS)}")
+        return ContinuousMemory(**memory)
+    raise TypeError(f"memory must be None, a ContinuousMemory (or a module with its retrieve/energy methods) or a "
+                    f"dict of its options {list(MEMORY_OPTIONS)}, "
+                    f"got {type(memory).__name__}")

@@ -1,84 +1,36 @@
-"""The ``Hopfield`` layer and its named variants (Ramsauer et al. 2020; Hu et al. 2023; Wu et al. 2024).
+"""``Hopfield``: the Hopfield interface with its own projections (Ramsauer et al. 2021; Hu et al. 2023; Wu et al. 2024).
 
 ``Hopfield`` associates state patterns ``R`` (queries) with stored patterns ``Y`` (keys) and reads
-out pattern projections (values): Ramsauer et al. 2020, eq. 10,
+out pattern projections (values): Ramsauer et al. 2021, "Hopfield Networks is All You Need", eq. 10,
 
     Z = Sep(beta * R W_Q (Y W_K)^T) Y W_V,
 
-with ``Sep`` softmax (dense modern Hopfield), sparsemax (Hu et al. 2023, eq. 3.4) or alpha-entmax
-(generalized sparse, Wu et al. 2024, eq. 3.3). ``update_steps > 1`` iterates the retrieval in the
-projected key space before the read-out (see :func:`hopformer.functional.hopfield_retrieve`).
+with ``Sep`` softmax (dense modern Hopfield), sparsemax (Hu et al. 2023, eq. 3.4) or alpha-entmax, fixed or
+learned (generalized sparse, Wu et al. 2024, STanHop, eq. 3.3). The association itself is the layer's
+:class:`~hopformer.layers.retrieval.HopfieldRetrieval` (separation, beta, steps, dropout, discrete or continuous
+memory); an optional U-Hop feature map (Wu, Hu et al. 2024, eq. 3.1) is applied to the patterns before
+``W_Q``/``W_K``. Every combination is a constructor argument.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any, Mapping
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..functional import check_separation, hopfield_energy, hopfield_retrieve
+from ..checks import positive_int
+from .continuous import ContinuousMemory, as_memory
+from .interface import HopfieldInterface
+from .kernel import UHopFeatureMap
 from .masks import merge_masks
+from .retrieval import CONTINUOUS_ATTN_MASK_ERROR, HopfieldRetrieval
 
-__all__ = ["InverseTemperature", "Hopfield", "SparseHopfield", "GeneralizedSparseHopfield", "LearnableAlpha"]
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+__all__ = ["Hopfield"]
 
 
-class InverseTemperature(nn.Module):
-    """The inverse temperature ``beta``: a fixed float, or one learnable value per head (``exp`` keeps it > 0).
-
-    Args:
-        beta: initial value, > 0.
-        num_heads: number of heads (one learnable value each).
-        learnable: learn ``log beta`` (gradient stays alive; ``beta`` stays positive).
-    """
-
-    def __init__(self, beta: float, num_heads: int = 1, learnable: bool = False) -> None:
-        super().__init__()
-        if not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"beta must be a positive number, got {beta!r}")
-        self.learnable = learnable
-        self.init_beta = float(beta)
-        if learnable:
-            self.log_beta = nn.Parameter(torch.full((num_heads, 1, 1), math.log(beta)))
-
-    def forward(self) -> float | Tensor:
-        return self.log_beta.exp() if self.learnable else self.init_beta
-
-    def extra_repr(self) -> str:
-        return f"beta={self.init_beta:.4g}, learnable={self.learnable}"
-
-
-class LearnableAlpha(nn.Module):
-    """alpha-entmax's alpha, reparametrised as ``alpha = 1 + sigmoid(a)`` so it stays in (1, 2) with a live gradient.
-
-    Clamping would zero the gradient at the bounds; the sigmoid never does.
-
-    Args:
-        alpha: initial alpha, strictly inside (1, 2).
-        num_heads: number of heads; with ``per_head`` each head learns its own alpha.
-        per_head: one alpha per head (shape ``(heads, 1, 1)``) instead of one shared alpha.
-    """
-
-    def __init__(self, alpha: float = 1.5, num_heads: int = 1, per_head: bool = False) -> None:
-        super().__init__()
-        if not isinstance(alpha, (int, float)) or not 1.0 < alpha < 2.0:
-            raise ValueError(f"alpha must be strictly between 1 and 2 to be learnable, got {alpha!r}")
-        logit = math.log((alpha - 1.0) / (2.0 - alpha))
-        shape = (num_heads, 1, 1) if per_head else (1,)
-        self.logit = nn.Parameter(torch.full(shape, logit))
-
-    def forward(self) -> Tensor:
-        return 1.0 + torch.sigmoid(self.logit)
-
-
-class Hopfield(nn.Module):
+class Hopfield(HopfieldInterface, nn.Module):
     """Modern Hopfield association of state patterns with stored patterns (self- or cross-association).
 
     One softmax update step with projections is exactly multi-head attention and runs through
@@ -91,15 +43,32 @@ class Hopfield(nn.Module):
         value_dim: size of the patterns read out (values); defaults to ``stored_dim``.
         head_dim: size of each head's association space; defaults to ``dim // num_heads``.
         out_dim: size of the output patterns; defaults to ``dim`` (``value_dim`` without projections).
-        separation: ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or a float alpha in [1, 2].
-        beta: inverse temperature; defaults to ``1 / sqrt(head_dim)``.
+        separation: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2] or ``"learnable"``
+            (alpha-entmax, alpha learned as ``1 + sigmoid(a)``, Wu et al. 2024, eq. 3.3).
+        alpha: initial alpha of ``separation="learnable"``.
+        alpha_per_head: one learned alpha per head.
+        beta: inverse temperature; defaults to ``1 / sqrt(head_dim)`` (association space per head).
         learnable_beta: learn one ``beta`` per head.
         update_steps: retrieval steps per forward (>= 1).
         eps: stop early once the largest change of the state is below ``eps``.
         dropout: dropout on the association weights (training only).
         bias: biases in the projections.
         project: learn the projections ``W_Q, W_K, W_V, W_O``; ``False`` retrieves in pattern space
-            (requires ``stored_dim == dim``), heads then split the raw patterns.
+            (requires ``stored_dim == dim``), heads then split the raw patterns (or ``Phi``'s features).
+        memory: ``None`` (discrete), a :class:`~hopformer.layers.continuous.ContinuousMemory` or a dict of
+            its options (continuous-time memory, Santos et al. 2025; ``separation`` must be ``"softmax"``).
+        kernelized: pass queries and keys through a U-Hop feature map
+            :class:`~hopformer.layers.kernel.UHopFeatureMap` ``Phi`` first (queries ``W_Q Phi(x)``, keys
+            ``W_K Phi(Xi)``, values ``W_V Xi``, Wu, Hu et al. 2024, eq. 3.1). Queries get their own map when
+            ``stored_dim != dim``.
+        kernel_dim: feature size ``D_phi`` of ``Phi`` (implies ``kernelized``); default ``max(dim, stored_dim)``.
+        feature_init, t, loss: the feature map's initialisation and U-Hop separation loss (see
+            :class:`~hopformer.layers.kernel.UHopFeatureMap`).
+
+    With a feature map and ``project=False`` this is exactly the retrieval dynamics ``T_K`` of U-Hop eq. (2.4):
+    the head split applies to ``kernel_dim`` and the default ``beta`` is ``(kernel_dim / num_heads) ** -0.5``.
+    Masks: ``key_padding_mask`` (``True`` = ignore); with a continuous memory it removes memories before
+    compression and ``attn_mask`` raises ``ValueError`` (no discrete keys after compression).
     """
 
     def __init__(
@@ -112,6 +81,8 @@ class Hopfield(nn.Module):
         head_dim: int | None = None,
         out_dim: int | None = None,
         separation: str | float = "softmax",
+        alpha: float = 1.5,
+        alpha_per_head: bool = False,
         beta: float | None = None,
         learnable_beta: bool = False,
         update_steps: int = 1,
@@ -119,27 +90,27 @@ class Hopfield(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         project: bool = True,
+        memory: ContinuousMemory | Mapping[str, Any] | None = None,
+        kernelized: bool = False,
+        kernel_dim: int | None = None,
+        feature_init: str = "orthogonal",
+        t: float = 2.0,
+        loss: str = "average",
     ) -> None:
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.stored_dim = _positive_int("stored_dim", stored_dim or dim)
-        self.value_dim = _positive_int("value_dim", value_dim or self.stored_dim)
-        self.update_steps = _positive_int("update_steps", update_steps)
-        if eps is not None and not eps > 0:
-            raise ValueError(f"eps must be positive or None, got {eps!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.eps, self.dropout, self.project = eps, dropout, project
-        self.separation = check_separation(separation)
+        self.dim = positive_int("dim", dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.stored_dim = positive_int("stored_dim", stored_dim or dim)
+        self.value_dim = positive_int("value_dim", value_dim or self.stored_dim)
+        self.project = project
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"num_heads={num_heads} must divide dim={dim} (or pass head_dim)")
             head_dim = dim // num_heads
-        self.head_dim = _positive_int("head_dim", head_dim)
+        self.head_dim = positive_int("head_dim", head_dim)
         inner = self.head_dim * num_heads
         if project:
-            self.out_dim = _positive_int("out_dim", out_dim or dim)
+            self.out_dim = positive_int("out_dim", out_dim or dim)
             self.q_proj = nn.Linear(dim, inner, bias=bias)
             self.k_proj = nn.Linear(self.stored_dim, inner, bias=bias)
             self.v_proj = nn.Linear(self.value_dim, inner, bias=bias)
@@ -154,22 +125,49 @@ class Hopfield(nn.Module):
             if out_dim not in (None, self.value_dim):
                 raise ValueError(f"project=False outputs value_dim={self.value_dim} features, got out_dim={out_dim}")
             self.out_dim = self.value_dim
-        self.beta = InverseTemperature(beta if beta is not None else self.head_dim**-0.5, num_heads, learnable_beta)
+        self.feature_map = None
+        association_dim = self.head_dim
+        if kernelized or kernel_dim is not None:  # after the plain projections: a seed gives the weights as before
+            kernel_dim = kernel_dim if kernel_dim is not None else max(self.dim, self.stored_dim)
+            self.feature_map = UHopFeatureMap(self.stored_dim, kernel_dim, query_dim=self.dim, init=feature_init,
+                                              t=t, loss=loss)
+            kernel_dim = self.feature_map.kernel_dim
+            if project:
+                self.q_proj = nn.Linear(kernel_dim, inner, bias=bias)
+                self.k_proj = nn.Linear(kernel_dim, inner, bias=bias)
+            elif kernel_dim % num_heads:
+                raise ValueError(f"project=False splits Phi's kernel_dim={kernel_dim} into num_heads={num_heads}; "
+                                 "num_heads must divide it")
+            else:
+                association_dim = kernel_dim // num_heads
+        self.retrieval = HopfieldRetrieval(
+            association_dim, num_heads, separation=separation, alpha=alpha, alpha_per_head=alpha_per_head, beta=beta,
+            learnable_beta=learnable_beta, update_steps=update_steps, eps=eps, dropout=dropout, memory=as_memory(memory),
+        )
 
-    # -- hooks that subclasses (kernelized, continuous) override ---------------------------------
-    def current_separation(self):
-        """The separation used in this forward (a learnable alpha is a tensor)."""
-        return self.separation
+    @property
+    def dropout(self) -> float:
+        """Dropout rate on the association weights (the retrieval's)."""
+        return self.retrieval.dropout
 
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        self.retrieval.dropout = value
+
+    # -- projections ---------------------------------------------------------------------------------
     def _split(self, x: Tensor) -> Tensor:
         return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
     def project_query(self, state: Tensor) -> Tensor:
-        """``R W_Q`` split into heads: ``(B, Lq, dim) -> (B, H, Lq, head_dim)``."""
+        """``R W_Q`` (or ``Phi(R) W_Q``) split into heads: ``(B, Lq, dim) -> (B, H, Lq, head_dim)``."""
+        if self.feature_map is not None:
+            state = self.feature_map.queries(state)
         return self._split(self.q_proj(state) if self.project else state)
 
     def project_keys(self, stored: Tensor) -> Tensor:
-        """``Y W_K`` split into heads: ``(B, Lk, stored_dim) -> (B, H, Lk, head_dim)``."""
+        """``Y W_K`` (or ``Phi(Y) W_K``) split into heads: ``(B, Lk, stored_dim) -> (B, H, Lk, head_dim)``."""
+        if self.feature_map is not None:
+            stored = self.feature_map(stored)
         return self._split(self.k_proj(stored) if self.project else stored)
 
     def project_values(self, values: Tensor) -> Tensor:
@@ -199,6 +197,20 @@ class Hopfield(nn.Module):
         if values is not None and stored.shape[1] != values.shape[1]:
             raise ValueError(f"values must hold one pattern per stored pattern: {values.shape[1]} vs {stored.shape[1]}")
 
+    def _masks(self, state: Tensor, stored: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+               dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """``(mask, key_padding_mask)`` for the retrieval: discrete memories get one merged mask."""
+        if self.retrieval.memory is not None:
+            if key_padding_mask is not None and tuple(key_padding_mask.shape) != (state.shape[0], stored.shape[1]):
+                raise ValueError(
+                    f"key_padding_mask must have shape (batch, n_keys) = {(state.shape[0], stored.shape[1])}, "
+                    f"got {tuple(key_padding_mask.shape)}"
+                )
+            return attn_mask, key_padding_mask
+        mask = merge_masks(key_padding_mask, attn_mask, batch=state.shape[0], heads=self.num_heads,
+                           n_query=state.shape[1], n_keys=stored.shape[1], dtype=dtype)
+        return mask, None
+
     def forward(
         self,
         state: Tensor,
@@ -216,74 +228,32 @@ class Hopfield(nn.Module):
             stored: stored (key) patterns ``(B, Lk, stored_dim)``; ``None`` means self-association.
             values: patterns to read out ``(B, Lk, value_dim)``; default ``stored``.
             key_padding_mask: ``(B, Lk)``, ``True`` (or -inf) where a stored pattern is ignored.
-            attn_mask: ``(Lq, Lk)`` or ``(B * heads, Lq, Lk)``, ``True`` (or -inf) where ignored.
-            return_association: also return the association matrix ``(B, heads, Lq, Lk)`` of the last step.
+            attn_mask: ``(Lq, Lk)`` or ``(B * heads, Lq, Lk)``, ``True`` (or -inf) where ignored (discrete memory).
+            return_association: also return the association matrix ``(B, heads, Lq, Lk)`` of the last step
+                (continuous memory: the responsibilities ``(B, heads, Lq, N)`` over its basis functions).
         """
         stored = state if stored is None else stored
         values = stored if values is None else values
+        if attn_mask is not None and self.retrieval.memory is not None:
+            raise ValueError(CONTINUOUS_ATTN_MASK_ERROR)
         self._check_inputs(state, stored, values)
+        if self.feature_map is not None:
+            self.feature_map.observe(stored)
         q, k, v = self.project_query(state), self.project_keys(stored), self.project_values(values)
-        mask = merge_masks(
-            key_padding_mask, attn_mask, batch=state.shape[0], heads=self.num_heads,
-            n_query=state.shape[1], n_keys=stored.shape[1], dtype=q.dtype,
-        )
-        result = hopfield_retrieve(
-            q, k, v,
-            beta=self.beta(), separation=self.current_separation(), steps=self.update_steps, eps=self.eps,
-            mask=mask, dropout=self.dropout if self.training else 0.0, return_association=return_association,
-        )
-        if return_association:
-            retrieved, weights = result
-            return self.project_output(retrieved), weights
-        return self.project_output(result)
+        mask, kpm = self._masks(state, stored, key_padding_mask, attn_mask, q.dtype)
+        retrieved, weights = self._retrieve(q, k, v, mask, key_padding_mask=kpm, return_association=return_association)
+        out = self.project_output(retrieved)
+        return (out, weights) if return_association else out
 
     def energy(self, state: Tensor, stored: Tensor | None = None, *, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Energy of each state pattern in each head's association space, ``(B, heads, Lq)`` (Ramsauer et al. 2020, eq. 2 with the separation's conjugate)."""
+        """Energy of each state pattern in each head's association space, ``(B, heads, Lq)``.
+
+        Ramsauer et al. 2021, eq. 2 with the separation's conjugate (Hu et al. 2023, eq. 3.3); with a
+        feature map the kernelized energy ``-(1/beta) Psi*(beta K(Xi, x)) + 0.5 K(x, x)`` (U-Hop); with a
+        continuous memory its energy (Santos et al. 2025, eq. 6).
+        """
         stored = state if stored is None else stored
         self._check_inputs(state, stored)
         q, k = self.project_query(state), self.project_keys(stored)
-        mask = merge_masks(key_padding_mask, None, batch=state.shape[0], heads=self.num_heads,
-                           n_query=state.shape[1], n_keys=stored.shape[1], dtype=q.dtype)
-        return hopfield_energy(q, k, beta=self.beta(), separation=self.current_separation(), mask=mask)
-
-
-class SparseHopfield(Hopfield):
-    """Sparse modern Hopfield layer (Hu et al. 2023): ``Hopfield`` with sparsemax separation (eq. 3.4).
-
-    Takes the same arguments as :class:`Hopfield` except ``separation``.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 1, **kwargs) -> None:
-        if "separation" in kwargs:
-            raise TypeError("SparseHopfield always uses separation='sparsemax'; use Hopfield for another one")
-        super().__init__(dim, num_heads, separation="sparsemax", **kwargs)
-
-
-class GeneralizedSparseHopfield(Hopfield):
-    """Generalized sparse Hopfield layer (Wu et al. 2024, STanHop, eq. 3.3): alpha-entmax separation.
-
-    Args:
-        dim, num_heads: as :class:`Hopfield`.
-        alpha: (initial) alpha in [1, 2]; strictly inside (1, 2) when learnable.
-        learnable_alpha: learn alpha as ``1 + sigmoid(a)`` (stays in (1, 2), gradient never dies).
-        alpha_per_head: one alpha per head instead of one per layer.
-        **kwargs: the other :class:`Hopfield` arguments except ``separation``.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 1,
-        *,
-        alpha: float = 1.5,
-        learnable_alpha: bool = True,
-        alpha_per_head: bool = False,
-        **kwargs,
-    ) -> None:
-        if "separation" in kwargs:
-            raise TypeError("GeneralizedSparseHopfield sets its separation from alpha; use Hopfield for another one")
-        super().__init__(dim, num_heads, separation=float(alpha), **kwargs)
-        self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head) if learnable_alpha else None
-
-    def current_separation(self):
-        return self.alpha() if self.alpha is not None else self.separation
+        mask, kpm = self._masks(state, stored, key_padding_mask, None, q.dtype)
+        return self.retrieval.energy(q, k, mask, key_padding_mask=kpm)

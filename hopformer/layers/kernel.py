@@ -1,38 +1,34 @@
-"""U-Hop kernelized Hopfield layers (Wu, Hu et al. 2024, "Uniform Memory Retrieval with Larger Capacity
-for Modern Hopfield Models"; Wu et al. 2024, arXiv 2404.03827).
+"""The U-Hop feature map (Wu, Hu et al. 2024, "Uniform Memory Retrieval with Larger Capacity for Modern
+Hopfield Models", arXiv 2404.03827) as a component of any Hopfield interface.
 
 A linear feature map ``Phi(u) = W u`` (eq. 2.1, ``W`` of shape ``D_phi x d``, ``D_phi >= d``, full rank,
-Assumption 2.1) defines the kernel ``K(u, v) = <Phi(u), Phi(v)>``. The kernelized layer (eq. 3.1 / 4.1)
-associates queries ``W_Q Phi(x)`` with keys ``W_K Phi(Xi)`` and reads out values ``W_V Xi``; with
-``project=False`` it is the retrieval dynamics ``T_K(x) = Xi Sep(beta K(Xi, x))`` of eq. (2.4).
+Assumption 2.1) defines the kernel ``K(u, v) = <Phi(u), Phi(v)>``. An interface holding a
+:class:`UHopFeatureMap` as ``feature_map`` (``Hopfield(..., kernel_dim=...)``, ``HopfieldAttention(...,
+kernel_dim=...)``, ``MultiheadHopfield(..., kernelized=True)``) associates queries ``W_Q Phi(x)`` with keys
+``W_K Phi(Xi)`` and reads out values ``W_V Xi`` (eq. 3.1 / 4.1); with ``project=False`` it is the retrieval
+dynamics ``T_K(x) = Xi Sep(beta K(Xi, x))`` of eq. (2.4).
 
-Every module here follows the U-Hop protocol of docs/ARCHITECTURE.md (:class:`SeparationLossMixin`):
-stage I of the two-stage optimisation (Algorithm 2) minimises :meth:`SeparationLossMixin.separation_loss`
-over :meth:`SeparationLossMixin.feature_parameters` only.
+The U-Hop protocol (docs/ARCHITECTURE.md): stage I of the two-stage optimisation (Algorithm 2) minimises
+``separation_loss`` over ``feature_parameters`` only; :func:`named_uhop_modules` finds the layers that take part.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..functional.separation_loss import SEPARATION_LOSSES, separation_loss
-from .adapters import HopfieldAttention, MultiheadHopfield
-from .hopfield import Hopfield, InverseTemperature, _positive_int
 
 __all__ = [
     "FEATURE_MAP_INITS",
     "FeatureMap",
-    "SeparationLossMixin",
+    "UHopFeatureMap",
     "association_entropy",
+    "named_uhop_modules",
     "uhop_modules",
-    "KernelizedHopfield",
-    "KernelizedHopfieldAttention",
-    "KernelizedMultiheadHopfield",
 ]
 
 FEATURE_MAP_INITS = ("orthogonal", "identity", "gaussian")
@@ -57,8 +53,8 @@ class FeatureMap(nn.Module):
 
     def __init__(self, dim: int, kernel_dim: int | None = None, *, init: str = "orthogonal") -> None:
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.kernel_dim = _positive_int("kernel_dim", kernel_dim if kernel_dim is not None else dim)
+        self.dim = positive_int("dim", dim)
+        self.kernel_dim = positive_int("kernel_dim", kernel_dim if kernel_dim is not None else dim)
         if self.kernel_dim < self.dim:
             raise ValueError(
                 f"kernel_dim must be >= dim so that W is full rank (U-Hop Assumption 2.1), "
@@ -136,8 +132,7 @@ class FeatureMap(nn.Module):
 
 
 def _check_loss_options(t: float, loss: str) -> None:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise ValueError(f"t (separation-loss RBF scale) must be a positive finite number, got {t!r}")
+    positive_float("t (separation-loss RBF scale)", t)
     if loss not in SEPARATION_LOSSES:
         raise ValueError(f"loss must be one of {SEPARATION_LOSSES}, got {loss!r}")
 
@@ -147,57 +142,62 @@ def association_entropy(weights: Tensor) -> Tensor:
     return -torch.special.xlogy(weights, weights).sum(-1).mean()
 
 
-class SeparationLossMixin:
-    """The U-Hop protocol (docs/ARCHITECTURE.md) for an ``nn.Module`` that owns ``self.feature_map``.
+class UHopFeatureMap(FeatureMap):
+    """The U-Hop feature map ``Phi`` of one layer, with what stage I needs (Algorithm 2).
+
+    ``forward`` maps the stored (key) patterns, :meth:`queries` the state (query) patterns (the same ``Phi``
+    unless the queries live in another space, then ``query_map``). The layer holding it calls :meth:`observe`
+    with the memories that entered it and :meth:`record` with its association weights.
+
+    Args:
+        dim: size of the stored patterns.
+        kernel_dim: feature size ``D_phi >= dim`` (Assumption 2.1); defaults to ``dim``.
+        query_dim: size of the state patterns when it differs from ``dim``: they get their own map
+            ``query_map`` (a kernel needs one ``Phi`` per input space); the separation loss uses ``Phi`` only.
+        init: initialisation of ``W`` (see :class:`FeatureMap`).
+        t: separation-loss scale (eq. 2.5; paper ``t = 2``).
+        loss: separation loss of stage I: ``"average"`` (Def. 2.2), ``"orthogonal"`` (Def. 3.1) or ``"max"`` (G.2).
 
     Attributes:
-        cache_memories: when ``True``, ``forward`` stores the stored patterns that entered it in
-            ``cached_memories`` ``(B, M, dim)``; stage I reads them from a forward pass.
+        cache_memories: when ``True``, :meth:`observe` keeps the memories in ``cached_memories`` ``(B, M, dim)``.
         cache_with_grad: keep the cached memories attached to the graph (stage I then also moves the
             parameters that produced them, e.g. the patch embedding); default: detached.
-        cached_memories: the last cached memories, or ``None``.
-        track_entropy: when ``True``, ``forward`` also stores the mean entropy of its association
-            weights in ``last_entropy`` (a collapse onto one memory shows as entropy near 0).
-        last_entropy: the last recorded entropy (a 0-dim tensor, nats), or ``None``.
-        separation_t: the loss's ``t`` (eq. 2.5).
-        separation_kind: ``"average"`` (Def. 2.2), ``"orthogonal"`` (Def. 3.1) or ``"max"`` (G.2).
+        track_entropy: when ``True`` the layer records the mean entropy of its association in ``last_entropy``
+            (a collapse onto one memory shows as entropy near 0).
     """
 
-    cache_memories: bool = False
-    cache_with_grad: bool = False
-    cached_memories: Tensor | None = None
-    track_entropy: bool = False
-    last_entropy: Tensor | None = None
-    separation_t: float = 2.0
-    separation_kind: str = "average"
-
-    def _init_separation(self, t: float, loss: str) -> None:
+    def __init__(self, dim: int, kernel_dim: int | None = None, *, query_dim: int | None = None,
+                 init: str = "orthogonal", t: float = 2.0, loss: str = "average") -> None:
+        super().__init__(dim, kernel_dim, init=init)
+        self.query_map = None if query_dim in (None, dim) else FeatureMap(query_dim, self.kernel_dim, init=init)
         _check_loss_options(t, loss)
         self.separation_t, self.separation_kind = float(t), loss
         self.cache_memories, self.cache_with_grad, self.cached_memories = False, False, None
         self.track_entropy, self.last_entropy = False, None
 
-    def _cache(self, memories: Tensor) -> None:
+    def queries(self, u: Tensor) -> Tensor:
+        """``Phi`` of the state (query) patterns: ``query_map`` when they have their own space."""
+        return self(u) if self.query_map is None else self.query_map(u)
+
+    def observe(self, memories: Tensor) -> None:
+        """Keep the stored patterns ``(B, M, dim)`` of this forward when ``cache_memories`` is set."""
         if self.cache_memories:
             self.cached_memories = memories if self.cache_with_grad else memories.detach()
 
-    def _record_entropy(self, weights: Tensor) -> None:
+    def record(self, weights: Tensor) -> None:
+        """Record the mean entropy of the association ``weights`` in ``last_entropy``."""
         self.last_entropy = association_entropy(weights.detach().float())
 
     def feature_parameters(self) -> list[nn.Parameter]:
-        """The parameters stage I updates: the feature map(s) ``W``."""
-        seen, params = set(), []
-        for module in self.modules():  # type: ignore[attr-defined]
-            if isinstance(module, FeatureMap) and id(module.weight) not in seen:
-                seen.add(id(module.weight))
-                params.append(module.weight)
-        return params
+        """The parameters stage I updates: ``W`` (and the query map's)."""
+        return [m.weight for m in self.modules() if isinstance(m, FeatureMap)]
 
-    def separation_loss(self, memories: Tensor | None = None) -> Tensor:
+    def separation_loss(self, memories: Tensor | None = None, owner: str | None = None) -> Tensor:
         """The separation loss of ``Phi`` over the memories, averaged over independent memory sets.
 
         Args:
             memories: ``(B, M, dim)`` or ``(M, dim)`` stored patterns; ``None`` uses ``cached_memories``.
+            owner: name of the layer, for the error message.
 
         Returns:
             A scalar: the mean over the ``B`` memory sets of ``separation_loss(Phi(memories), t, kind)``.
@@ -209,172 +209,38 @@ class SeparationLossMixin:
             memories = self.cached_memories
             if memories is None:
                 raise RuntimeError(
-                    f"{type(self).__name__}.separation_loss() has no memories: pass them, or set "
+                    f"{owner or type(self).__name__}.separation_loss() has no memories: pass them, or set "
                     "cache_memories = True and run a forward pass first"
                 )
         if memories.dim() not in (2, 3):
             raise ValueError(f"memories must have shape (B, M, dim) or (M, dim), got {tuple(memories.shape)}")
         if memories.dim() == 3 and memories.shape[1] == 1:
             memories = rearrange(memories, "b 1 d -> 1 b d")
-        features = self.feature_map(memories)  # type: ignore[attr-defined]
-        return separation_loss(features, self.separation_t, self.separation_kind).mean()
+        return separation_loss(self(memories), self.separation_t, self.separation_kind).mean()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, t={self.separation_t}, loss={self.separation_kind!r}"
+
+
+def _follows_uhop_protocol(module: nn.Module) -> bool:
+    if isinstance(module, FeatureMap):  # reached through the layer that holds it
+        return False
+    if hasattr(module, "retrieval") and hasattr(module, "feature_map"):  # a Hopfield interface
+        return isinstance(module.feature_map, UHopFeatureMap)
+    return (callable(getattr(module, "separation_loss", None)) and callable(getattr(module, "feature_parameters", None))
+            and hasattr(module, "cache_memories"))
+
+
+def named_uhop_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every submodule of ``model`` (itself included) that follows the U-Hop protocol.
+
+    The protocol (docs/ARCHITECTURE.md): ``feature_parameters()``, ``separation_loss(memories=None)`` and
+    a boolean ``cache_memories`` attribute. A Hopfield interface takes part when its ``feature_map`` is a
+    :class:`UHopFeatureMap`; any other module honouring the protocol (duck-typed) takes part too.
+    """
+    return [(name, m) for name, m in model.named_modules() if _follows_uhop_protocol(m)]
 
 
 def uhop_modules(model: nn.Module) -> list[nn.Module]:
-    """Every submodule of ``model`` (itself included) that follows the U-Hop protocol."""
-    return [m for m in model.modules() if isinstance(m, SeparationLossMixin)]
-
-
-class KernelizedHopfield(SeparationLossMixin, Hopfield):
-    """U-Hop kernelized Hopfield layer: queries ``W_Q Phi(x)``, keys ``W_K Phi(Xi)``, values ``W_V Xi`` (eq. 3.1, 4.1).
-
-    A drop-in for :class:`hopformer.layers.Hopfield`: same constructor and ``forward``/``energy``, plus
-
-    Args:
-        kernel_dim: feature size ``D_phi`` of ``Phi``; defaults to ``max(dim, stored_dim)``.
-        t: separation-loss scale (eq. 2.5; paper ``t = 2``).
-        loss: separation loss used by stage I: ``"average"`` (Def. 2.2), ``"orthogonal"`` (Def. 3.1)
-            or ``"max"`` (G.2).
-        feature_init: initialisation of ``Phi`` (see :class:`FeatureMap`).
-
-    When ``stored_dim != dim`` the queries get their own feature map ``query_feature_map`` (a kernel needs one
-    ``Phi`` per input space; otherwise ``query_feature_map`` is ``None`` and ``feature_map`` serves both); the
-    separation loss always uses the stored patterns' ``feature_map``.
-    With ``project=False`` this is exactly the retrieval dynamics ``T_K`` of eq. (2.4) (the head split then
-    applies to ``kernel_dim``, which ``num_heads`` must divide, and the default ``beta`` is
-    ``(kernel_dim / num_heads) ** -0.5``, the size of each head's association space). ``energy`` is the kernelized energy
-    ``-(1/beta) Psi*(beta K(Xi, x)) + 0.5 K(x, x)`` in each head's association space.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 1,
-        *,
-        kernel_dim: int | None = None,
-        t: float = 2.0,
-        loss: str = "average",
-        feature_init: str = "orthogonal",
-        **kwargs,
-    ) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        kernel_dim = kernel_dim if kernel_dim is not None else max(self.dim, self.stored_dim)
-        self.feature_map = FeatureMap(self.stored_dim, kernel_dim, init=feature_init)
-        self.query_feature_map = (
-            None if self.stored_dim == self.dim else FeatureMap(self.dim, kernel_dim, init=feature_init)
-        )
-        self.kernel_dim = self.feature_map.kernel_dim
-        inner = self.head_dim * self.num_heads
-        if self.project:
-            bias = self.q_proj.bias is not None
-            self.q_proj = nn.Linear(self.kernel_dim, inner, bias=bias)
-            self.k_proj = nn.Linear(self.kernel_dim, inner, bias=bias)
-        else:
-            if self.kernel_dim % self.num_heads:
-                raise ValueError(f"project=False splits Phi's kernel_dim={self.kernel_dim} into num_heads={self.num_heads}; "
-                                 "num_heads must divide it")
-            if kwargs.get("beta") is None:  # each head associates in kernel_dim / num_heads features
-                self.beta = InverseTemperature((self.kernel_dim // self.num_heads) ** -0.5, self.num_heads,
-                                               kwargs.get("learnable_beta", False))
-        self._init_separation(t, loss)
-
-    def _split_kernel(self, x: Tensor) -> Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
-
-    def project_query(self, state: Tensor) -> Tensor:
-        """``W_Q Phi(x)`` split into heads: ``(B, Lq, dim) -> (B, H, Lq, head_dim)``."""
-        phi = (self.query_feature_map or self.feature_map)(state)
-        return self._split_kernel(self.q_proj(phi) if self.project else phi)
-
-    def project_keys(self, stored: Tensor) -> Tensor:
-        """``W_K Phi(Xi)`` split into heads: ``(B, Lk, stored_dim) -> (B, H, Lk, head_dim)``."""
-        phi = self.feature_map(stored)
-        return self._split_kernel(self.k_proj(phi) if self.project else phi)
-
-    def forward(self, state: Tensor, stored: Tensor | None = None, values: Tensor | None = None, **kwargs):
-        """As :meth:`Hopfield.forward`; caches the stored patterns when ``cache_memories`` is set."""
-        self._cache(state if stored is None else stored)
-        if self.track_entropy and not kwargs.get("return_association", False):
-            kwargs.pop("return_association", None)
-            out, weights = super().forward(state, stored, values, return_association=True, **kwargs)
-            self._record_entropy(weights)
-            return out
-        return super().forward(state, stored, values, **kwargs)
-
-
-class KernelizedHopfieldAttention(SeparationLossMixin, HopfieldAttention):
-    """timm ViT ``Attention`` (``x -> x``) with U-Hop kernelized self-association of the tokens (eq. 4.1).
-
-    Queries ``W_Q Phi(x)``, keys ``W_K Phi(x)``, values ``W_V x``; the tokens entering the layer are its
-    memories. Same constructor as timm's ``Attention`` / :class:`HopfieldAttention`, plus
-
-    Args:
-        kernel_dim: feature size of ``Phi``; defaults to ``dim``. With ``kernel_dim == dim`` the timm
-            ``qkv`` projection is kept (a plain ViT checkpoint loads; only ``feature_map.weight`` is new);
-            otherwise ``qkv`` is replaced by ``qk`` (``kernel_dim -> 2 attn_dim``) and ``v`` (``dim -> attn_dim``).
-        t, loss, feature_init: as :class:`KernelizedHopfield`.
-
-    Use ``KernelizedHopfieldAttention.configure(separation=..., kernel_dim=...)`` as ``attn_layer``.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 8, *args, **kwargs):
-        options = dict(kwargs)
-        kernel_dim = options.pop("kernel_dim", None)
-        t, loss = options.pop("t", 2.0), options.pop("loss", "average")
-        feature_init = options.pop("feature_init", "orthogonal")
-        super().__init__(dim, num_heads, *args, **options)
-        self.feature_map = FeatureMap(dim, kernel_dim, init=feature_init)
-        self.kernel_dim = self.feature_map.kernel_dim
-        if self.kernel_dim != dim:
-            bias = self.qkv.bias is not None
-            attn_dim = self.num_heads * self.head_dim
-            del self.qkv
-            self.qk = nn.Linear(self.kernel_dim, 2 * attn_dim, bias=bias)
-            self.v = nn.Linear(dim, attn_dim, bias=bias)
-        self._init_separation(t, loss)
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        phi = self.feature_map(x)
-        if self.kernel_dim == self.feature_map.dim:
-            w_qk, w_v = self.qkv.weight.split([2 * self.attn_dim, self.attn_dim])
-            b_qk, b_v = (None, None) if self.qkv.bias is None else self.qkv.bias.split([2 * self.attn_dim, self.attn_dim])
-            qk, v = F.linear(phi, w_qk, b_qk), F.linear(x, w_v, b_v)
-        else:
-            qk, v = self.qk(phi), self.v(x)
-        q, k = rearrange(qk, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-        v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                return_association: bool = False):
-        """As :meth:`HopfieldAttention.forward`; caches the tokens when ``cache_memories`` is set."""
-        self._cache(x)
-        if self.track_entropy and not return_association:
-            out, weights = super().forward(x, attn_mask, is_causal, return_association=True)
-            self._record_entropy(weights)
-            return out
-        return super().forward(x, attn_mask, is_causal, return_association)
-
-
-class KernelizedMultiheadHopfield(SeparationLossMixin, MultiheadHopfield):
-    """``nn.MultiheadAttention`` signature with U-Hop kernelized association (eq. 3.1).
-
-    Queries ``W_q Phi(query)``, keys ``W_k Phi(key)``, values ``W_v value``; the keys are the memories.
-    Same constructor as :class:`MultiheadHopfield` plus ``t``, ``loss``, ``feature_init``
-    (see :class:`KernelizedHopfield`). ``Phi`` is square (``kernel_dim == embed_dim``) and shared by
-    queries and keys, so ``kdim`` must equal ``embed_dim``; the state dict is ``nn.MultiheadAttention``'s
-    plus ``feature_map.weight``.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, *args, t: float = 2.0, loss: str = "average",
-                 feature_init: str = "orthogonal", **kwargs):
-        super().__init__(embed_dim, num_heads, *args, **kwargs)
-        if self.kdim != embed_dim:
-            raise ValueError(f"KernelizedMultiheadHopfield shares Phi between queries and keys: kdim must equal "
-                             f"embed_dim, got kdim={self.kdim}, embed_dim={embed_dim}")
-        self.feature_map = FeatureMap(embed_dim, embed_dim, init=feature_init)
-        self._init_separation(t, loss)
-
-    def _projections(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self._cache(key)
-        return super()._projections(self.feature_map(query), self.feature_map(key), value)
+    """The modules of :func:`named_uhop_modules`, without their names."""
+    return [m for _, m in named_uhop_modules(model)]

@@ -11,7 +11,8 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
-from .hopfield import Hopfield, _positive_int
+from ..checks import positive_int
+from .hopfield import Hopfield
 
 __all__ = ["HopfieldPooling", "HopfieldLayer"]
 
@@ -29,7 +30,7 @@ class HopfieldPooling(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, *, num_queries: int = 1, init_std: float = 0.02, **hopfield_kwargs):
         super().__init__()
-        _positive_int("num_queries", num_queries)
+        positive_int("num_queries", num_queries)
         self.queries = nn.Parameter(torch.empty(num_queries, dim))
         nn.init.trunc_normal_(self.queries, std=init_std)
         self.hopfield = Hopfield(dim, num_heads, **hopfield_kwargs)
@@ -67,7 +68,7 @@ class HopfieldLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, *, num_patterns: int, init_std: float = 0.02, **hopfield_kwargs):
         super().__init__()
-        _positive_int("num_patterns", num_patterns)
+        positive_int("num_patterns", num_patterns)
         self.patterns = nn.Parameter(torch.empty(num_patterns, dim))
         nn.init.trunc_normal_(self.patterns, std=init_std)
         self.hopfield = Hopfield(dim, num_heads, **hopfield_kwargs)

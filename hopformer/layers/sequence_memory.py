@@ -40,6 +40,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
+
 __all__ = ["TemporalSequenceMemory", "SequenceRetrieval", "temporal_kernel", "log_kernel_row"]
 
 SOLVERS = ("cccp", "lbfgs")
@@ -47,8 +49,7 @@ SOLVERS = ("cccp", "lbfgs")
 
 def temporal_kernel(num_patterns: int, sigma: float, *, dtype=torch.float64, device=None) -> Tensor:
     """Normalised Gaussian temporal kernel ``W[m, k] = w_k(m)`` ``(N, N)``; every row sums to one."""
-    if not isinstance(num_patterns, int) or num_patterns < 1:
-        raise ValueError(f"num_patterns must be a positive integer, got {num_patterns!r}")
+    positive_int("num_patterns", num_patterns)
     if not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ValueError(f"sigma (kernel width) must be > 0, got {sigma!r}")
     idx = torch.arange(num_patterns, dtype=dtype, device=device)
@@ -78,12 +79,6 @@ class SequenceRetrieval:
     energy: Tensor | None = None
     trace: dict[int, list[float]] = field(default_factory=dict)
 
-
-def _check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
 
 
 class TemporalSequenceMemory(nn.Module):
@@ -119,18 +114,17 @@ class TemporalSequenceMemory(nn.Module):
         batched: bool = True,
     ) -> None:
         super().__init__()
-        self.beta = None if beta is None else _check_positive("beta", beta)
-        self.sigma = _check_positive("sigma", sigma)
-        self.lambda_f = _check_positive("lambda_f", lambda_f, allow_zero=True)
-        self.mu = _check_positive("mu", mu, allow_zero=True)
-        self.gamma = _check_positive("gamma", gamma, allow_zero=True)
-        self.truncate = _check_positive("truncate", truncate)
-        self.tol = _check_positive("tol", tol)
-        self.cccp_tol = _check_positive("cccp_tol", cccp_tol)
+        self.beta = None if beta is None else positive_float("beta", beta)
+        self.sigma = positive_float("sigma", sigma)
+        self.lambda_f = positive_float("lambda_f", lambda_f, allow_zero=True)
+        self.mu = positive_float("mu", mu, allow_zero=True)
+        self.gamma = positive_float("gamma", gamma, allow_zero=True)
+        self.truncate = positive_float("truncate", truncate)
+        self.tol = positive_float("tol", tol)
+        self.cccp_tol = positive_float("cccp_tol", cccp_tol)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        positive_int("max_iter", max_iter)
         self.solver, self.max_iter, self.batched = solver, max_iter, batched
         self.register_buffer("patterns", torch.empty(0, 0, dtype=torch.float64))
 

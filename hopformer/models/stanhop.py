@@ -21,80 +21,44 @@ Input ``x`` ``(batch, input_len, C)`` -> forecast ``(batch, horizon, C)``:
    LN, and ``Linear(d -> seg_len)`` predicts the patches; the per-scale predictions are summed.
 5. Optional reversible instance normalisation (:class:`hopformer.models.revin.RevIN`) around all of it.
 
-Every association is a Hopfield layer built by :func:`build_hopfield`, by default the generalized
-sparse Hopfield layer (alpha-entmax, eq. 3.3) with one learnable alpha per layer
-(``hopfield_kwargs={"alpha_per_head": True}`` for one per head). Pure torch.
+Every association is a Hopfield layer built by :func:`build_hopfield` from the layer spec shared with the
+vision models (``attention``, ``separation``, ``attn_kwargs``; :mod:`hopformer.layers.registry`), by default
+the generalized sparse Hopfield layer (alpha-entmax, eq. 3.3) with one learnable alpha per layer
+(``attn_kwargs={"alpha_per_head": True}`` for one per head). Pure torch.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from typing import Any, Mapping
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..checks import positive_int
+from ..layers.registry import check_spec, hopfield_layer
 from .revin import RevIN
 from .stanhop_memory import PlugAndPlayMemory, TuneAndPlayMemory, build_memory
 
-__all__ = ["HOPFIELD_KINDS", "build_hopfield", "PatchEmbedding", "CoarseGrain", "STanHopBlock",
+__all__ = ["build_hopfield", "PatchEmbedding", "CoarseGrain", "STanHopBlock",
            "STanHopDecoderLayer", "STanHopNet"]
 
-HOPFIELD_KINDS = ("generalized", "dense", "sparse", "kernelized", "continuous")
-
-
-def build_hopfield(kind: str, dim: int, num_heads: int, *, dropout: float = 0.0, **kwargs) -> nn.Module:
-    """The one place that maps a Hopfield variant's name to its layer.
+def build_hopfield(attention: str, dim: int, num_heads: int, *, separation: Any = "learnable", dropout: float = 0.0,
+                   attn_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """One association of STanHop-Net: a :class:`~hopformer.layers.Hopfield` for the layer spec
+    (:mod:`hopformer.layers.registry`; default the generalized sparse Hopfield layer GSH, alpha-entmax with a
+    learned alpha, eq. 3.3).
 
     Args:
-        kind: "generalized" (alpha-entmax, learnable alpha; STanHop's GSH), "dense" (softmax),
-            "sparse" (sparsemax), "kernelized" (U-Hop ``KernelizedHopfield``; with
-            ``learnable_alpha=True`` it keeps GSH's learnable alpha-entmax, otherwise its ``separation``),
-            "continuous" (continuous-time memory ``ContinuousHopfield``).
+        attention: ``"hopfield"``, ``"kernelized"`` (U-Hop feature map) or ``"continuous"`` (continuous memory).
         dim: pattern size (state = stored = d_model).
         num_heads: association heads.
+        separation: ``"learnable"`` (GSH), ``"softmax"``, ``"sparsemax"``, ``"entmax15"`` or a float alpha.
         dropout: dropout on the association weights.
-        **kwargs: passed to the layer (e.g. ``alpha``, ``alpha_per_head``, ``kernel_dim``, ``num_basis``).
+        attn_kwargs: further layer options (e.g. ``alpha``, ``alpha_per_head``, ``kernel_dim``, ``num_basis``).
     """
-    from .. import layers
-
-    if kind == "generalized":
-        return layers.GeneralizedSparseHopfield(dim, num_heads, dropout=dropout, **kwargs)
-    if kind == "dense":
-        return layers.Hopfield(dim, num_heads, dropout=dropout, **kwargs)
-    if kind == "sparse":
-        return layers.SparseHopfield(dim, num_heads, dropout=dropout, **kwargs)
-    if kind == "kernelized":
-        if kwargs.pop("learnable_alpha", False):  # U-Hop's kernel on STanHop's GSH (learnable alpha-entmax)
-            return _kernelized_gsh_class()(dim, num_heads, dropout=dropout, **kwargs)
-        from ..layers.kernel import KernelizedHopfield
-
-        return KernelizedHopfield(dim, num_heads, dropout=dropout, **kwargs)
-    if kind == "continuous":
-        from ..layers.continuous import ContinuousHopfield
-
-        return ContinuousHopfield(dim, num_heads, dropout=dropout, **kwargs)
-    raise ValueError(f"hopfield={kind!r}: expected one of {HOPFIELD_KINDS}")
-
-
-@functools.lru_cache(maxsize=None)
-def _kernelized_gsh_class() -> type:
-    """``KernelizedHopfield`` with a learnable alpha-entmax separation (built once, on first use)."""
-    from ..layers import LearnableAlpha
-    from ..layers.kernel import KernelizedHopfield
-
-    class KernelizedGeneralizedSparseHopfield(KernelizedHopfield):
-        """U-Hop feature map ``Phi`` + STanHop's learnable alpha (``alpha = 1 + sigmoid(a)``)."""
-
-        def __init__(self, dim: int, num_heads: int = 1, *, alpha: float = 1.5, alpha_per_head: bool = False, **kw):
-            super().__init__(dim, num_heads, separation=float(alpha), **kw)
-            self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head)
-
-        def current_separation(self):
-            return self.alpha()
-
-    return KernelizedGeneralizedSparseHopfield
+    return hopfield_layer(dim, num_heads, attention, separation, attn_kwargs, dropout=dropout)
 
 
 def _mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -160,8 +124,7 @@ class STanHopBlock(nn.Module):
         d_ff: hidden size of the MLPs.
         num_router: number of learned router patterns in the cross-series stage (Crossformer's ``factor``).
         dropout: dropout on residual branches and association weights.
-        hopfield: Hopfield variant of the three associations (see :func:`build_hopfield`).
-        hopfield_kwargs: extra arguments for those layers.
+        attention, separation, attn_kwargs: the layer spec of the three associations (see :func:`build_hopfield`).
         num_segments: patch positions S of the tokens this block sees: one router set per position,
             ``(S, num_router, d)`` as Crossformer; ``None`` shares one ``(num_router, d)`` set across
             positions (the earlier variant, which cannot tell positions apart in the cross-series stage).
@@ -174,21 +137,22 @@ class STanHopBlock(nn.Module):
         d_ff: int,
         num_router: int = 10,
         dropout: float = 0.0,
-        hopfield: str = "generalized",
-        hopfield_kwargs: dict | None = None,
+        attention: str = "hopfield",
+        separation: Any = "learnable",
+        attn_kwargs: Mapping[str, Any] | None = None,
         num_segments: int | None = None,
     ) -> None:
         super().__init__()
-        if num_segments is not None and (not isinstance(num_segments, int) or num_segments < 1):
-            raise ValueError(f"num_segments={num_segments!r}: expected a positive integer or None")
-        kw = dict(hopfield_kwargs or {})
+        if num_segments is not None:
+            positive_int("num_segments", num_segments)
+        spec = dict(separation=separation, dropout=dropout, attn_kwargs=attn_kwargs)
         self.num_segments = num_segments
-        self.time_hopfield = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
+        self.time_hopfield = build_hopfield(attention, d_model, num_heads, **spec)
         shape = (num_router, d_model) if num_segments is None else (num_segments, num_router, d_model)
         self.router = nn.Parameter(torch.empty(shape))
         nn.init.trunc_normal_(self.router, std=0.02)  # initialised (the public code left torch.empty)
-        self.series_sender = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
-        self.series_receiver = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **kw)
+        self.series_sender = build_hopfield(attention, d_model, num_heads, **spec)
+        self.series_receiver = build_hopfield(attention, d_model, num_heads, **spec)
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(4))
         self.time_mlp, self.series_mlp = _mlp(d_model, d_ff, dropout), _mlp(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -223,17 +187,18 @@ class STanHopDecoderLayer(nn.Module):
 
     Args:
         seg_len: patch length predicted per output token.
-        d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs, num_segments: as
+        d_model, num_heads, d_ff, num_router, dropout, attention, separation, attn_kwargs, num_segments: as
             :class:`STanHopBlock` (``num_segments``: the output patches).
     """
 
     def __init__(self, seg_len: int, d_model: int, num_heads: int, d_ff: int, num_router: int = 10,
-                 dropout: float = 0.0, hopfield: str = "generalized", hopfield_kwargs: dict | None = None,
-                 num_segments: int | None = None) -> None:
+                 dropout: float = 0.0, attention: str = "hopfield", separation: Any = "learnable",
+                 attn_kwargs: Mapping[str, Any] | None = None, num_segments: int | None = None) -> None:
         super().__init__()
-        self.block = STanHopBlock(d_model, num_heads, d_ff, num_router, dropout, hopfield, hopfield_kwargs,
+        self.block = STanHopBlock(d_model, num_heads, d_ff, num_router, dropout, attention, separation, attn_kwargs,
                                   num_segments)
-        self.cross_hopfield = build_hopfield(hopfield, d_model, num_heads, dropout=dropout, **(hopfield_kwargs or {}))
+        self.cross_hopfield = build_hopfield(attention, d_model, num_heads, separation=separation, dropout=dropout,
+                                             attn_kwargs=attn_kwargs)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.mlp = _mlp(d_model, d_model, dropout)
         self.dropout = nn.Dropout(dropout)
@@ -265,9 +230,13 @@ class STanHopNet(nn.Module):
         d_ff: hidden size of the block MLPs.
         num_router: learned router patterns of the cross-series stage.
         dropout: dropout rate.
-        hopfield: Hopfield variant of every association: "generalized" (default), "dense", "sparse",
-            "kernelized" (U-Hop), "continuous".
-        hopfield_kwargs: extra arguments for those layers (e.g. ``{"alpha": 1.5, "alpha_per_head": True}``).
+        attention: every association's layer kind (:mod:`hopformer.layers.registry`): ``"hopfield"`` (default),
+            ``"kernelized"`` (U-Hop feature map) or ``"continuous"`` (continuous-time memory).
+        separation: ``"learnable"`` (default: GSH, alpha-entmax with learned alpha, eq. 3.3), ``"softmax"``,
+            ``"sparsemax"``, ``"entmax15"`` or a float alpha in [1, 2].
+        attn_kwargs: further layer options (e.g. ``{"alpha": 1.5, "alpha_per_head": True}``, ``kernel_dim``,
+            ``num_basis``). Before issue 10 these were ``hopfield`` ("generalized", "dense", "sparse",
+            "kernelized", "continuous") and ``hopfield_kwargs`` (``learnable_alpha``): see docs/ARCHITECTURE.md.
         memory: external memory attached to every encoder block: None, "plug" (Plug-and-Play) or
             "tune" (Tune-and-Play); see :meth:`attach_memory`.
         memory_kwargs: arguments of the memory modules (e.g. ``{"size": 256}``).
@@ -291,8 +260,9 @@ class STanHopNet(nn.Module):
         d_ff: int = 512,
         num_router: int = 10,
         dropout: float = 0.2,
-        hopfield: str = "generalized",
-        hopfield_kwargs: dict | None = None,
+        attention: str = "hopfield",
+        separation: Any = "learnable",
+        attn_kwargs: Mapping[str, Any] | None = None,
         memory: str | None = None,
         memory_kwargs: dict | None = None,
         router_per_segment: bool = True,
@@ -303,16 +273,14 @@ class STanHopNet(nn.Module):
         for name, value in (("num_series", num_series), ("input_len", input_len), ("horizon", horizon),
                             ("seg_len", seg_len), ("win_size", win_size), ("num_layers", num_layers),
                             ("d_model", d_model), ("num_heads", num_heads), ("d_ff", d_ff), ("num_router", num_router)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if hopfield not in HOPFIELD_KINDS:
-            raise ValueError(f"hopfield={hopfield!r}: expected one of {HOPFIELD_KINDS}")
+            positive_int(name, value)
+        check_spec(attention, separation, attn_kwargs)
         if seg_len > input_len:
             raise ValueError(f"seg_len={seg_len} is longer than input_len={input_len}")
         self.num_series, self.input_len, self.horizon, self.seg_len = num_series, input_len, horizon, seg_len
         self.d_model, self.num_heads = d_model, num_heads
         blocks = dict(d_model=d_model, num_heads=num_heads, d_ff=d_ff, num_router=num_router, dropout=dropout,
-                      hopfield=hopfield, hopfield_kwargs=hopfield_kwargs)
+                      attention=attention, separation=separation, attn_kwargs=attn_kwargs)
         self.revin = RevIN(num_series, affine=revin_affine) if revin else None
         self.embedding = PatchEmbedding(num_series, input_len, seg_len, d_model)
         self.coarse = nn.ModuleList(

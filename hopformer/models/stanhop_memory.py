@@ -20,6 +20,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..checks import positive_int
 from ..functional import hopfield_retrieve
 
 __all__ = ["PlugAndPlayMemory", "TuneAndPlayMemory", "build_memory", "MEMORY_KINDS"]
@@ -49,8 +50,7 @@ class PlugAndPlayMemory(nn.Module):
     def __init__(self, dim: int, *, size: int = 256, separation: str | float = "entmax15",
                  beta: float | None = None, weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        if size < 1:
-            raise ValueError(f"size={size}: expected a positive number of stored tokens")
+        positive_int("size (number of stored tokens)", size)
         self.dim, self.size, self.separation, self.weight, self.seed = dim, size, separation, weight, seed
         self.beta = beta if beta is not None else dim**-0.5
         self.register_buffer("bank", torch.zeros(size, dim))
@@ -85,24 +85,25 @@ class TuneAndPlayMemory(nn.Module):
         dim: token size d.
         num_heads: association heads.
         size: number of learned memory patterns M.
-        hopfield: Hopfield variant (see ``hopformer.models.stanhop.build_hopfield``).
-        hopfield_kwargs: extra arguments of that layer.
+        attention, separation, attn_kwargs: the layer spec of the retrieving Hopfield layer (see
+            ``hopformer.models.stanhop.build_hopfield``; default GSH, learned alpha-entmax).
         dropout: dropout on the association weights.
         weight: w, scale of the retrieved pattern added to the token.
         seed: seed of the data initialisation subset.
     """
 
-    def __init__(self, dim: int, num_heads: int = 1, *, size: int = 32, hopfield: str = "generalized",
-                 hopfield_kwargs: dict | None = None, dropout: float = 0.0, weight: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, dim: int, num_heads: int = 1, *, size: int = 32, attention: str = "hopfield",
+                 separation="learnable", attn_kwargs: dict | None = None, dropout: float = 0.0, weight: float = 1.0,
+                 seed: int = 0) -> None:
         super().__init__()
         from .stanhop import build_hopfield
 
-        if size < 1:
-            raise ValueError(f"size={size}: expected a positive number of memory patterns")
+        positive_int("size (number of memory patterns)", size)
         self.dim, self.weight, self.seed = dim, weight, seed
         self.patterns = nn.Parameter(torch.empty(size, dim))
         nn.init.trunc_normal_(self.patterns, std=1.0)  # tokens are LayerNorm-ed: unit scale
-        self.hopfield = build_hopfield(hopfield, dim, num_heads, dropout=dropout, **(hopfield_kwargs or {}))
+        self.hopfield = build_hopfield(attention, dim, num_heads, separation=separation, dropout=dropout,
+                                       attn_kwargs=attn_kwargs)
         self.collecting = False
 
     @torch.no_grad()

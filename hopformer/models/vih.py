@@ -21,25 +21,20 @@ from typing import Any, Mapping
 
 import torch
 from einops import rearrange, repeat
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
-from ..layers import GeneralizedSparseHopfield, Hopfield
+from ..layers.registry import hopfield_layer
+from ._cfgs import default_cfgs as default_cfgs_for, no_pretrained_weights
 
 __all__ = ["ViH", "make_hopfield_layer"]
 
 
 def make_hopfield_layer(attention: str, dim: int, num_heads: int, separation: Any, **options: Any) -> nn.Module:
-    """A ``Hopfield``-signature layer: ``"hopfield"`` (any separation, or ``"learnable"`` alpha) or ``"kernelized"`` (U-Hop)."""
-    if attention == "hopfield":
-        if separation == "learnable":
-            return GeneralizedSparseHopfield(dim, num_heads, learnable_alpha=True, **options)
-        return Hopfield(dim, num_heads, separation=separation, **options)
-    if attention == "kernelized":
-        from ..layers.kernel import KernelizedHopfield
-
-        return KernelizedHopfield(dim, num_heads, separation=separation, **options)
-    raise ValueError(f"attention must be 'hopfield' or 'kernelized', got {attention!r}")
+    """A :class:`~hopformer.layers.Hopfield` for a layer spec (:mod:`hopformer.layers.registry`): ``attention``
+    ``"hopfield"``, ``"kernelized"`` (U-Hop) or ``"continuous"``, any ``separation`` including ``"learnable"``;
+    ``options`` are the spec's ``attn_kwargs``."""
+    return hopfield_layer(dim, num_heads, attention, separation, options)
 
 
 class _Block(nn.Module):
@@ -68,12 +63,15 @@ class ViH(nn.Module):
         embed_dim: token size (paper: 512).
         depth: Hopfield blocks (paper: 1; the three-layer variant: 3).
         num_heads: association heads of each Hopfield layer.
-        attention: ``"hopfield"`` (MHM, dense or sparse) or ``"kernelized"`` (U-Hop feature map).
+        attention: ``"hopfield"`` (MHM, dense or sparse), ``"kernelized"`` (U-Hop feature map) or
+            ``"continuous"`` (continuous-time memory); see :mod:`hopformer.layers.registry`.
         separation: ``"softmax"`` (dense MHM), ``"sparsemax"`` (sparse MHM), ``"entmax15"``, a float
             alpha, or ``"learnable"`` (alpha-entmax with learned alpha).
         mlp_ratio: hidden size of the block MLPs relative to ``embed_dim``.
         dropout: dropout in the MLPs and before the head.
-        layer_kwargs: further arguments of the Hopfield layers (``update_steps``, ``beta``, kernel options).
+        attn_kwargs: further options of the Hopfield layers (``update_steps``, ``beta``, kernel options), the
+            same vocabulary as the ViTs' and STanHop-Net's ``attn_kwargs``.
+        layer_kwargs: the former name of ``attn_kwargs`` (still accepted).
     """
 
     def __init__(
@@ -89,6 +87,7 @@ class ViH(nn.Module):
         separation: Any = "softmax",
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        attn_kwargs: Mapping[str, Any] | None = None,
         layer_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -102,7 +101,9 @@ class ViH(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, embed_dim) * 0.02)
-        kw = dict(layer_kwargs or {})
+        if attn_kwargs is not None and layer_kwargs is not None:
+            raise ValueError("pass attn_kwargs or its former name layer_kwargs, not both")
+        kw = dict(attn_kwargs if attn_kwargs is not None else layer_kwargs or {})
         self.blocks = nn.ModuleList(
             _Block(make_hopfield_layer(attention, embed_dim, num_heads, separation, **kw), embed_dim, mlp_ratio, dropout)
             for _ in range(depth)
@@ -132,33 +133,50 @@ class ViH(nn.Module):
         return self.head(self.head_drop(self.forward_features(images)))
 
 
-def _vih(defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> ViH:
+def _vih(variant: str, pretrained: bool = False, **kwargs: Any) -> ViH:
+    """Build ``variant`` through timm's ``build_model_with_cfg``: ``pretrained_cfg`` per data-set tag (see
+    :mod:`hopformer.models._cfgs`); ``num_classes`` defaults to the tag's. ViH has no multi-scale features:
+    ``features_only=True`` is refused with a pointer to what is supported."""
     if pretrained:
-        raise ValueError("no pretrained ViH weights are hosted")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
-        kwargs.pop(key, None)
-    return ViH(**{**defaults, **kwargs})
+        raise no_pretrained_weights(variant)
+    if kwargs.get("features_only"):
+        raise ValueError(
+            f"features_only=True is not supported by {variant}: a ViH reads out a single CLS token; use "
+            "model.forward_features(images) for its (batch, embed_dim) features, or a Hopfield ViT "
+            "(timm.list_models('hopfield_vit_*')), which supports features_only and forward_intermediates"
+        )
+    defaults = {k: v for k, v in VIH_MODELS[variant].items() if k != "num_classes"}  # num_classes: the tag's
+    return build_model_with_cfg(ViH, variant, pretrained, **{**defaults, **kwargs})
+
+
+VIH_MODELS: dict[str, dict[str, Any]] = {
+    "vih_patch4_32": dict(img_size=32, patch_size=4, depth=1, num_classes=10),
+    "vih3_patch4_32": dict(img_size=32, patch_size=4, depth=3, num_classes=10),
+    "vih_patch8_64": dict(img_size=64, patch_size=8, depth=1, num_classes=200),
+    "vih3_patch8_64": dict(img_size=64, patch_size=8, depth=3, num_classes=200),
+}
+default_cfgs = default_cfgs_for(VIH_MODELS, first_conv="patch_embed")  # read by timm's register_model
 
 
 @register_model
 def vih_patch4_32(pretrained: bool = False, **kwargs) -> ViH:
     """One-layer ViH (dim 512), 32x32 images, patch 4 (64 memories)."""
-    return _vih(dict(img_size=32, patch_size=4, depth=1), pretrained, kwargs)
+    return _vih("vih_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def vih3_patch4_32(pretrained: bool = False, **kwargs) -> ViH:
     """Three-layer ViH (dim 512), 32x32 images, patch 4."""
-    return _vih(dict(img_size=32, patch_size=4, depth=3), pretrained, kwargs)
+    return _vih("vih3_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def vih_patch8_64(pretrained: bool = False, **kwargs) -> ViH:
     """One-layer ViH (dim 512), 64x64 images (Tiny ImageNet), patch 8 (64 memories)."""
-    return _vih(dict(img_size=64, patch_size=8, depth=1, num_classes=200), pretrained, kwargs)
+    return _vih("vih_patch8_64", pretrained, **kwargs)
 
 
 @register_model
 def vih3_patch8_64(pretrained: bool = False, **kwargs) -> ViH:
     """Three-layer ViH (dim 512), 64x64 images, patch 8."""
-    return _vih(dict(img_size=64, patch_size=8, depth=3, num_classes=200), pretrained, kwargs)
+    return _vih("vih3_patch8_64", pretrained, **kwargs)

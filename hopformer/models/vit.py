@@ -4,12 +4,12 @@ Registered with timm, so ``timm.create_model("hopfield_vit_tiny_patch4_32", sepa
 num_classes=10)`` works. Every entry point takes
 
 - ``attention``: ``"hopfield"`` (:class:`hopformer.layers.HopfieldAttention`, dense/sparse/entmax),
-  ``"kernelized"`` (U-Hop, ``hopformer.layers.kernel.KernelizedHopfieldAttention``) or ``"continuous"``
-  (``hopformer.layers.continuous.ContinuousHopfieldAttention``, when present);
+  ``"kernelized"`` (U-Hop feature map, ``HopfieldAttention(kernelized=True)``) or ``"continuous"``
+  (continuous-time memory, ``HopfieldAttention(memory=...)``), mapped by :mod:`hopformer.layers.registry`;
 - ``separation``: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2], or
   ``"learnable"`` (alpha-entmax with alpha = 1 + sigmoid(a) learned per layer, Wu et al. 2024, eq. 3.3);
-- ``attn_kwargs``: further keyword arguments of the attention layer (``update_steps``, ``beta``,
-  ``learnable_beta``, kernel options, ...);
+- ``attn_kwargs``: further options of the attention layer (``update_steps``, ``beta``,
+  ``learnable_beta``, ``alpha``, kernel and memory options, ...);
 - every other ``VisionTransformer`` argument (``img_size``, ``in_chans``, ``depth``, ``drop_rate``, ...).
 
 The adapters keep timm's parameter names (``qkv``, ``proj``), so a plain timm ViT state dict loads
@@ -32,52 +32,28 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..layers import ContinuousHopfieldAttention, HopfieldAttention, KernelizedHopfieldAttention, LearnableAlpha
+from ..layers.registry import ATTENTIONS, attention_layer
+from ._cfgs import default_cfgs as default_cfgs_for, no_pretrained_weights
 
 __all__ = ["hopfield_attn_layer", "hopfield_vit", "load_vit_state_dict", "HOPFIELD_VIT_MODELS", "ATTENTIONS"]
 
-ATTENTIONS = ("hopfield", "kernelized", "continuous")
-HOPFIELD_ONLY_KEYS = ("alpha", "beta", "feature", "phi", "kernel")
+HOPFIELD_ONLY_KEYS = ("retrieval", "alpha", "beta", "feature", "phi", "kernel")
 
 
-class _LearnableAlphaAttention(HopfieldAttention):
-    """:class:`HopfieldAttention` with alpha-entmax whose alpha is learned (``alpha.logit`` parameter)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, *args, alpha: float = 1.5, alpha_per_head: bool = False, **kwargs):
-        kwargs.pop("separation", None)
-        super().__init__(dim, num_heads, *args, separation=float(alpha), **kwargs)
-        self.alpha = LearnableAlpha(alpha, num_heads, alpha_per_head)
-
-    def current_separation(self):
-        return self.alpha()
-
-
-def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any) -> type:
-    """The attention class for ``VisionTransformer(attn_layer=...)``.
+def hopfield_attn_layer(attention: str = "hopfield", separation: Any = "softmax", **options: Any):
+    """The ``attn_layer`` for ``VisionTransformer(attn_layer=...)``: a picklable
+    ``functools.partial(HopfieldAttention, ...)`` built by :func:`hopformer.layers.registry.attention_layer`.
 
     Args:
         attention: ``"hopfield"``, ``"kernelized"`` (U-Hop) or ``"continuous"``.
-        separation: a separation of ``hopformer.functional.separate`` or ``"learnable"`` (alpha-entmax,
-            learned alpha initialised at ``options["alpha"]`` or 1.5).
-        **options: further constructor arguments of the attention layer.
+        separation: ``"softmax"``, ``"sparsemax"``, ``"entmax15"``, a float alpha in [1, 2] or ``"learnable"``.
+        **options: the spec's ``attn_kwargs`` (``update_steps``, ``beta``, ``alpha``, ``kernel_dim``, ``num_basis``, ...).
     """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-    if attention == "hopfield":
-        if separation == "learnable":
-            return _LearnableAlphaAttention.configure(**options)
-        return HopfieldAttention.configure(separation=separation, **options)
-    if attention == "kernelized":
-        if separation == "learnable":
-            raise ValueError("separation='learnable' is available with attention='hopfield' only")
-        return KernelizedHopfieldAttention.configure(separation=separation, **options)
-    if separation != "softmax":
-        options = {"separation": separation, **options}
-    return ContinuousHopfieldAttention.configure(**options)
+    return attention_layer(attention, separation, options)
 
 
 def hopfield_vit(
@@ -87,8 +63,7 @@ def hopfield_vit(
     **kwargs: Any,
 ) -> VisionTransformer:
     """A ``VisionTransformer`` whose every attention is a Hopfield layer (see the module docstring)."""
-    attn_layer = hopfield_attn_layer(attention, separation, **dict(attn_kwargs or {}))
-    return VisionTransformer(attn_layer=attn_layer, **kwargs)
+    return VisionTransformer(attn_layer=attention_layer(attention, separation, attn_kwargs), **kwargs)
 
 
 def _hopfield_only(key: str) -> bool:
@@ -112,15 +87,28 @@ def load_vit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     return list(result.missing_keys)
 
 
-def _build(defaults: dict[str, Any], pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Build ``variant`` through timm's ``build_model_with_cfg`` (as timm's ``_create_vision_transformer``).
+
+    The ``pretrained_cfg`` (size, mean, std, classes of the tag's data set) comes from ``default_cfgs``;
+    ``num_classes`` defaults to the tag's (``.cifar100``: 100); ``features_only=True`` wraps the model
+    in timm's ``FeatureGetterNet`` over :meth:`VisionTransformer.forward_intermediates`.
+    """
     if pretrained:
-        raise ValueError(
-            "no pretrained Hopfield ViT weights are hosted; create the model and load a timm ViT with "
-            "hopformer.models.vit.load_vit_state_dict(model, timm_vit.state_dict())"
-        )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"):
-        kwargs.pop(key, None)  # timm.create_model's bookkeeping, meaningless without hosted weights
-    return hopfield_vit(**{**defaults, **kwargs})
+        args, size = HOPFIELD_VIT_MODELS[variant], variant.split("_")[2]  # size: nano, mini, tiny, small
+        how = ("load the weights of a plain timm ViT of the same shape with "
+               "hopformer.models.load_vit_state_dict(model, vit.state_dict())")
+        if size in ("tiny", "small"):
+            how += (f", e.g. vit = timm.create_model('vit_{size}_patch16_224', pretrained=True, img_size={args['img_size']}, "
+                    f"patch_size={args['patch_size']}, num_classes={args['num_classes']}) (timm resamples the patch "
+                    "and position embeddings)")
+        raise no_pretrained_weights(variant, how)
+    defaults = {k: v for k, v in HOPFIELD_VIT_MODELS[variant].items() if k != "num_classes"}  # num_classes: the tag's
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", defaults["depth"])))
+    return build_model_with_cfg(
+        hopfield_vit, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **{**defaults, **kwargs},
+    )
 
 
 _CIFAR = dict(img_size=32, patch_size=4, num_classes=10)
@@ -134,39 +122,40 @@ HOPFIELD_VIT_MODELS: dict[str, dict[str, Any]] = {
     "hopfield_vit_tiny_patch8_64": dict(**_TINY, embed_dim=192, depth=12, num_heads=3),
     "hopfield_vit_small_patch8_64": dict(**_TINY, embed_dim=384, depth=12, num_heads=6),
 }
+default_cfgs = default_cfgs_for(HOPFIELD_VIT_MODELS, first_conv="patch_embed.proj")  # read by timm's register_model
 
 
 @register_model
 def hopfield_vit_nano_patch2_8(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Nano, 8x8 one-channel images (scikit-learn digits), patch 2: the default model."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_nano_patch2_8"], pretrained, kwargs)
+    return _build("hopfield_vit_nano_patch2_8", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_mini_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Mini (dim 128, depth 6), 32x32 images, patch 4: a CPU-sized CIFAR model."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_mini_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_mini_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Tiny (dim 192, depth 12), 32x32 images (CIFAR), patch 4."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_tiny_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Small (dim 384, depth 12), 32x32 images (CIFAR), patch 4."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch4_32"], pretrained, kwargs)
+    return _build("hopfield_vit_small_patch4_32", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_tiny_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Tiny (dim 192, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_tiny_patch8_64"], pretrained, kwargs)
+    return _build("hopfield_vit_tiny_patch8_64", pretrained, **kwargs)
 
 
 @register_model
 def hopfield_vit_small_patch8_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Hopfield ViT-Small (dim 384, depth 12), 64x64 images (Tiny ImageNet), patch 8."""
-    return _build(HOPFIELD_VIT_MODELS["hopfield_vit_small_patch8_64"], pretrained, kwargs)
+    return _build("hopfield_vit_small_patch8_64", pretrained, **kwargs)

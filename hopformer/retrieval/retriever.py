@@ -15,12 +15,12 @@ All work on one memory set ``(M, d)`` or a batch of independent sets ``(B, M, d)
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ..checks import positive_float, positive_int
 from ..functional import check_separation, hopfield_retrieve, separate
 from ..functional.separation_loss import SEPARATION_LOSSES, separation_loss
 from .stage_one import fit_feature_map, row_normalize
@@ -30,13 +30,6 @@ __all__ = ["Retriever", "HopfieldRetriever", "PolynomialRetriever", "UHopRetriev
 SIMILARITIES = ("dot", "l2", "manhattan")
 FEATURE_INITS = ("identity", "orthogonal", "gaussian")
 
-
-def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
-    bad_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-    if bad_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "integer" if integer else "number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite {kind} {bound}, got {value!r}")
 
 
 class Retriever:
@@ -50,8 +43,8 @@ class Retriever:
     name = "retriever"
 
     def __init__(self, dim: int, *, beta: float = 1.0) -> None:
-        _positive("dim", dim, integer=True)
-        _positive("beta", beta)
+        positive_int("dim", dim)
+        positive_float("beta", beta)
         self.dim, self.beta = dim, float(beta)
         self.memories_: Tensor | None = None
 
@@ -73,7 +66,7 @@ class Retriever:
     def _check_queries(self, queries: Tensor, steps: int) -> Tensor:
         if self.memories_ is None:
             raise RuntimeError(f"{type(self).__name__}.retrieve() called before fit(memories)")
-        _positive("steps", steps, integer=True)
+        positive_int("steps", steps)
         if not isinstance(queries, Tensor):
             raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
         batched = self.memories_.dim() == 3
@@ -158,7 +151,7 @@ class PolynomialRetriever(Retriever):
 
     def __init__(self, dim: int, *, degree: int = 10) -> None:
         super().__init__(dim, beta=1.0)
-        _positive("degree", degree, integer=True)
+        positive_int("degree", degree)
         self.degree = degree
 
     def _step(self, x: Tensor) -> Tensor:
@@ -222,14 +215,14 @@ class UHopRetriever(Retriever):
     ) -> None:
         super().__init__(dim, beta=beta)
         self.kernel_dim = dim if kernel_dim is None else kernel_dim
-        _positive("kernel_dim", self.kernel_dim, integer=True)
+        positive_int("kernel_dim", self.kernel_dim)
         if self.kernel_dim < dim:
             raise ValueError(f"kernel_dim must be >= dim (U-Hop Assumption 2.1: W full rank), got {self.kernel_dim} < {dim}")
         self.separation = check_separation(separation)
-        _positive("t", t)
-        _positive("kernel_steps", kernel_steps, integer=True, allow_zero=True)
-        _positive("lr", lr)
-        _positive("init_scale", init_scale)
+        positive_float("t", t)
+        positive_int("kernel_steps", kernel_steps, minimum=0)
+        positive_float("lr", lr)
+        positive_float("init_scale", init_scale)
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if loss not in SEPARATION_LOSSES:
@@ -284,7 +277,7 @@ class UHopRetriever(Retriever):
         if not counts:
             raise ValueError("kernel_steps must name at least one step count")
         for n in counts:
-            _positive("kernel_steps", n, integer=True, allow_zero=True)
+            positive_int("kernel_steps", n, minimum=0)
         memories = self._check_memories(memories)
         self._check_pairs(memories, counts[-1])
         with torch.enable_grad():

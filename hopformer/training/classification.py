@@ -24,6 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.models import get_model_input_config
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import models as _models  # noqa: F401  (registers the Hopfield ViTs and ViH with timm)
@@ -71,16 +72,18 @@ def _backbone_options() -> list[str]:
 
 
 def expected_input(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
-    """``(channels, (height, width))`` a timm ViT or a ViH expects (``None`` where unknown)."""
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "img_size", None) or getattr(model, "img_size", None)
-    channels = getattr(model, "in_chans", None)
-    proj = getattr(embed, "proj", embed)
-    if channels is None and isinstance(proj, nn.Conv2d):
-        channels = proj.in_channels
-    if size is not None and getattr(embed, "dynamic_img_size", False):
-        size = None
-    return channels, (tuple(size) if size is not None else None)  # type: ignore[return-value]
+    """``(channels, (height, width))`` a timm model takes, from timm's own record of it.
+
+    ``timm.models.get_model_input_config``: the ``pretrained_cfg`` input size of the model (for the
+    Hopfield ViTs and ViH, the data set of their tag, see ``hopformer.constants``) updated by the
+    ``img_size`` / ``in_chans`` it was created with. The size is ``None`` for models that take any
+    size (CNNs, ``dynamic_img_size=True``); both are ``None`` for a model not built by timm.
+    """
+    if getattr(model, "pretrained_cfg", None) is None:
+        return None, None
+    config = get_model_input_config(model)
+    channels, height, width = config["input_size"]
+    return channels, ((height, width) if config["fixed_input_size"] else None)
 
 
 class ClassificationModule(L.LightningModule):
@@ -212,7 +215,11 @@ class ClassificationModule(L.LightningModule):
 
     def _log_temperatures(self) -> None:
         """Log learnable alpha (entmax) and beta (inverse temperature), averaged over heads."""
+        from ..layers import HopfieldRetrieval
+
         for name, module in self.model.named_modules():
+            if isinstance(module, HopfieldRetrieval):  # its layer logs the same values under the layer's name
+                continue
             alpha = getattr(module, "alpha", None)
             if isinstance(alpha, nn.Module) and any(p.requires_grad for p in alpha.parameters()):
                 self.log(f"hopfield/{name}/alpha", alpha().detach().float().mean(), on_step=True, on_epoch=False)

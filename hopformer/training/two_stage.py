@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers.kernel import named_uhop_modules
+
 __all__ = ["UHopSeparation", "find_uhop_modules", "EMBEDDING_PARAMETERS"]
 
 Schedule = Literal["every_step", "per_epoch", "pretrain_epochs"]
@@ -46,22 +48,8 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 EMBEDDING_PARAMETERS = ("patch_embed", "cls_token", "pos_embed")
 
 
-def find_uhop_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` for every submodule that follows the U-Hop protocol.
-
-    The protocol (docs/ARCHITECTURE.md): ``feature_parameters()``, ``separation_loss(memories=None)``
-    and a boolean ``cache_memories`` attribute. Duck-typed so that any module honouring it
-    (``hopformer.layers.kernel.SeparationLossMixin`` subclasses included) takes part.
-    """
-    found = []
-    for name, module in model.named_modules():
-        if (
-            callable(getattr(module, "separation_loss", None))
-            and callable(getattr(module, "feature_parameters", None))
-            and hasattr(module, "cache_memories")
-        ):
-            found.append((name, module))
-    return found
+# the one U-Hop module finder lives with the layers (``hopformer.layers.named_uhop_modules``)
+find_uhop_modules = named_uhop_modules
 
 
 def _first_input(batch: Any) -> Any:
@@ -115,6 +103,9 @@ class UHopSeparation(L.Callback):
         max_condition: keep every ``W`` full rank (Assumption 2.1): after stage-I steps, raise its
             singular values to at least ``sigma_max / max_condition`` (``None``: no guard).
         guard_every: apply the ``max_condition`` guard every this many stage-I steps (an SVD of ``W``).
+        every_n_batches: with ``schedule="every_step"``, run stage I only on every ``n``-th training
+            batch of an epoch (``batch_idx % n == 0``), so its cost per step shrinks ``n``-fold;
+            ``1`` (default) is Algorithm 2 exactly. docs/performance.md has the cost per setting.
         log_per_layer: log ``uhop/sep_loss/<layer>`` for every U-Hop layer, besides the total
             ``uhop/sep_loss``.
         log_diagnostics: every ``trainer.log_every_n_steps`` batches log ``uhop/cond/<layer>`` (the
@@ -138,6 +129,7 @@ class UHopSeparation(L.Callback):
         memory_sets: int | None = None,
         max_condition: float | None = 10.0,
         guard_every: int = 10,
+        every_n_batches: int = 1,
         log_per_layer: bool = True,
         log_diagnostics: bool = True,
     ) -> None:
@@ -162,6 +154,8 @@ class UHopSeparation(L.Callback):
             raise ValueError(f"UHopSeparation: max_condition must be >= 1 or None, got {max_condition!r}")
         if not isinstance(guard_every, int) or guard_every < 1:
             raise ValueError(f"UHopSeparation: guard_every must be an int >= 1, got {guard_every!r}")
+        if not isinstance(every_n_batches, int) or isinstance(every_n_batches, bool) or every_n_batches < 1:
+            raise ValueError(f"UHopSeparation: every_n_batches must be an int >= 1, got {every_n_batches!r}")
         if memories == "training_forward" and (train_embedding or extra_parameters):
             raise ValueError(
                 "UHopSeparation: memories='training_forward' caches detached memories after the task step, so "
@@ -184,6 +178,7 @@ class UHopSeparation(L.Callback):
         self.memory_sets = memory_sets
         self.max_condition = max_condition
         self.guard_every = guard_every
+        self.every_n_batches = every_n_batches
         self.log_per_layer = log_per_layer
         self.log_diagnostics = log_diagnostics
         self.optimizer: torch.optim.Optimizer | None = None
@@ -196,6 +191,7 @@ class UHopSeparation(L.Callback):
         self._feature_params: list[nn.Parameter] = []
         self._excluded: list[nn.Parameter] = []
         self._diagnose_batch = False
+        self._stage_one_batch = False
         self.last_losses: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -338,7 +334,7 @@ class UHopSeparation(L.Callback):
             raise RuntimeError(
                 "UHopSeparation: train_embedding/extra_parameters asked stage I to move parameters the separation "
                 f"loss does not depend on (no gradient reached any of them from the U-Hop layers {names}); the "
-                "layers must honour cache_with_grad (SeparationLossMixin does)"
+                "layers must honour cache_with_grad (UHopFeatureMap does)"
             )
         live = [(p, g.detach().clone()) for p, g in zip(self._params, grads) if g is not None]
         self._all_reduce_mean([g for _, g in live])
@@ -454,8 +450,11 @@ class UHopSeparation(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._modules:
             return
+        self._stage_one_batch = self.active and self.schedule == "every_step" and batch_idx % self.every_n_batches == 0
         if not self.active:
             pass
+        elif self.schedule == "every_step" and not self._stage_one_batch:
+            pass  # every_n_batches: no stage I on this batch
         elif self.schedule == "every_step" and self.memories == "fresh":
             self._log(pl_module, self.separation_step(pl_module, batch), on_step=True)
         elif self.schedule == "every_step":  # training_forward: cache during stage II's forward
@@ -470,7 +469,8 @@ class UHopSeparation(L.Callback):
                            batch_idx: int) -> None:
         if not self._modules:
             return
-        if self.active and self.schedule == "every_step" and self.memories == "training_forward":
+        if self._stage_one_batch and self.memories == "training_forward":
+            self._stage_one_batch = False
             self._log(pl_module, self.separation_step_cached(), on_step=True)
         if self._diagnose_batch:
             self._set_flags(entropy=False)
