@@ -150,7 +150,7 @@ def test_pretrained_error_recipe_fits():
     args = dict(re.findall(r"(img_size|patch_size|num_classes)=(\d+)", str(err.value)))
     plain = timm.create_model("vit_tiny_patch16_224", **{k: int(v) for k, v in args.items()}, **SMALL)
     model = timm.create_model("hopfield_vit_tiny_patch4_32", separation="learnable", **SMALL)
-    assert load_vit_state_dict(model, plain.state_dict()) == ["blocks.0.attn.alpha.logit"]
+    assert load_vit_state_dict(model, plain.state_dict()) == ["blocks.0.attn.retrieval.alpha.logit"]
 
 
 def test_import_hopformer_registers_and_imports_no_lightning():
