@@ -10,12 +10,14 @@ Thresholds are found without sorting (cf. Blondel et al. 2020; Peters et al. 201
 
 - sparsemax (Martins & Astudillo 2016): Michelot's support iteration `tau <- (sum_S x - 1)/|S|`,
   `S = {x > tau}`, i.e. Newton's method on the piecewise-linear `sum (x - tau)_+ = 1` from the
-  left, started from the lower bound `max(max x - 1, (sum x - 1) / n)`. `tau` increases
+  left, started from the exact threshold of the row's group maxima (`_group_max_bound`: the
+  threshold of any subset of a row is a lower bound), else from `max(max x - 1, (sum x - 1) / n)`. `tau` increases
   monotonically and is exact as soon as the support stops changing; rows that have converged
   leave the iteration (row compaction).
 - alpha-entmax, `x = (alpha - 1) z`, `p = (x - tau)_+^e`, `e = 1 / (alpha - 1)`: Newton's method
   from the left on the convex `F(tau) = ||(x - tau)_+||_e = 1` (exact in one step when the top
-  entries are equal), started from `max(max x - 1, mean x - n^(-1/e))` (power-mean bound). For
+  entries are equal), started from `max(max x - 1, mean x - n^(-1/e))` (power-mean bound), raised
+  on long rows by a few Newton steps on the row's group maxima (`_group_max_bound`). For
   alpha = 1.5 (e = 2) each row finishes with the closed-form threshold on its support
   (`tau = mean - sqrt(1/k - var)`, Peters et al. 2019, Alg. 2), accepted only if it reproduces
   that support, so the result is exact; for other alpha a row stops at `|F - 1| <= tol` (or when
