@@ -164,7 +164,9 @@ class TimeSeriesDataModule(L.LightningDataModule):
         freq: "h" or "t" for the time features of a custom file.
         batch_size: training batch size; ``eval_batch_size`` for val/test (default the same).
         num_workers: DataLoader workers.
-        seed: seed of the training shuffle.
+        seed: seed of the training shuffle; ``None`` (default) follows the global seed
+            (``seed_everything``, i.e. ``torch.initial_seed()`` when the loader is built), so runs
+            with different seeds see different batch orders and equal seeds the same one.
     """
 
     def __init__(
@@ -184,7 +186,7 @@ class TimeSeriesDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if name != "custom" and name not in DATASETS:
@@ -196,7 +198,10 @@ class TimeSeriesDataModule(L.LightningDataModule):
         for arg, value in (("input_len", input_len), ("horizon", horizon), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg}={value!r}: expected a positive integer")
-        self.save_hyperparameters()
+        # the shuffle seed is kept out of hparams: Lightning refuses a fit whose module and data module log
+        # the same key with different values (ForecastingModule has its own ``seed``)
+        self.save_hyperparameters(ignore=["seed"])
+        self.seed = seed
         info = DATASETS.get(name)
         self.name, self.features, self.input_len, self.horizon = name, features, input_len, horizon
         self.path = Path(path) if path is not None else Path(root) / f"{name}.csv"
@@ -314,7 +319,10 @@ class TimeSeriesDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
+        seed = self.seed
+        if seed is None:  # follow the global seed (seed_everything), independent of how much RNG init used
+            seed = torch.initial_seed()
+        gen = torch.Generator().manual_seed(seed)
         return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, generator=gen,
                           num_workers=self.hparams.num_workers)
 
