@@ -228,6 +228,7 @@ class HopformerCLI(LightningCLI):
             cause = own_error(err)
             if cause is None:
                 raise
+            cause.hopformer_config_error = True  # main() prints it as one line on the command line
             raise cause from None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
@@ -348,8 +349,8 @@ def _note_new_dir(path: Path) -> None:
         _NEW_DIRS.append(top)
 
 
-def _short_error(err: OSError, command_line: bool) -> None:
-    """Missing data or a failed download: remove the empty folders the run created, then on the command line
+def _short_error(err: Exception, command_line: bool) -> None:
+    """Missing data, a failed download or a rejected option: remove the empty folders the run created, then on the command line
     print the message as one line (exit status 1) instead of a traceback; ``main(args)`` callers get the exception."""
     from hopformer.data.errors import remove_if_created_empty
 
@@ -418,6 +419,10 @@ def main(args: list[str] | None = None, run: bool = True) -> HopformerCLI:
             auto_configure_optimizers=False,
         )
     except (FileNotFoundError, ConnectionError) as err:  # missing data, failed download (DownloadError)
+        _short_error(err, command_line=args is None)
+    except (ValueError, TypeError) as err:  # a bad option that a hopformer class rejected while being built
+        if not getattr(err, "hopformer_config_error", False):
+            raise
         _short_error(err, command_line=args is None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -219,3 +219,26 @@ def test_run_folder_is_printed_at_start_and_end(tmp_path, capsys, sub):
     assert f"starting {sub}: run folder {folder}" in out
     assert f"finished {sub}: run folder {folder}" in out
     assert out.index(f"starting {sub}") < out.index(f"finished {sub}")
+
+
+def test_rejected_layer_option_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    """`python train.py --model.init_args.backbone_kwargs.separation bogus`: the registry's message as one
+    `train.py: error:` line (exit status 1) before any training, no traceback, no empty run folders."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--config", str(ROOT / "configs" / "default.yaml"),
+                                      "--model.init_args.backbone_kwargs.separation", "bogus"])
+    with pytest.raises(SystemExit) as err:
+        cli.main()
+    assert err.value.code == 1
+    stderr = capsys.readouterr().err
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: separation must be one of") and "'bogus'" in message
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rejected_layer_option_raises_for_python_callers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="separation must be one of"):
+        cli.main(["fit", "--config", str(ROOT / "configs" / "default.yaml"),
+                  "--model.init_args.backbone_kwargs.separation", "bogus"])
