@@ -101,8 +101,8 @@ def read_metric(run_dir: Path, metric: str, reduce: str = "last", mode: str = "m
 def _run(arm: Arm, seed: int, common: Sequence[str], run_dir: Path, threads: int, timeout: float) -> dict:
     """Run one (arm, seed) and return its record (also written to ``run_dir/result.json``)."""
     done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # finished earlier (perhaps copied from another comparison): named as in this call
+        return {**json.loads(done.read_text()), "arm": arm.name, "seed": seed}
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "hopformer.cli", *arm.args, *common, "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run_dir)]

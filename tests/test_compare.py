@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_compare_runs_train_py_and_writes_reports(tmp_path):
     before = marker.stat().st_mtime
     _compare(tmp_path, ["0"], [("base", "")])
     assert marker.stat().st_mtime == before
+    # a finished run copied under another arm name is reused and summarised under the new name
+    shutil.copytree(tmp_path / "t" / "base", tmp_path / "t" / "copy")
+    rows = {r["arm"]: r for r in _compare(tmp_path, ["0"], [("base", ""), ("copy", "")])}
+    assert rows["copy"]["mean"] == rows["base"]["mean"] and rows["copy"]["diff_vs_base"] == 0.0
 
 
 @pytest.mark.slow
