@@ -204,7 +204,8 @@ def _backward_op(
                     _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
                 else:
                     a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
-                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape))
+                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape),
+                                                       ds)  # ds: free until the backward rows fill it
                     da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
                     if need_alpha:
                         da = da.view(shape[0], shape[1], 1)

@@ -230,9 +230,12 @@ def _pick(e: Exponent, sl: slice) -> Exponent:
     return e[sl] if isinstance(e, torch.Tensor) else e
 
 
-def _pow_pos(r: torch.Tensor, y: Exponent, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _pow_pos(
+    r: torch.Tensor, y: Exponent, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """`r^y` on the entries `r > 0` and 0 elsewhere (also for `y = 0`), for `r >= 0` and a float
-    or broadcastable tensor `y >= 0`; written into `out` when given (`out` must not be `r`).
+    or broadcastable tensor `y >= 0`; written into `out` when given (`out` must not be `r`), with
+    `scratch` (same shape, or None) for the support mask.
 
     Computed as `exp(max(y log r, floor))` with `r` clamped to the smallest normal float, times
     `sign(r)`: on CPU `torch.pow` is a scalar loop, and `log` of exact zeros and `exp` of results
@@ -243,7 +246,7 @@ def _pow_pos(r: torch.Tensor, y: Exponent, out: Optional[torch.Tensor] = None) -
     floor = -80.0 if r.dtype != torch.float64 else -700.0
     res = torch.clamp_min(r, tiny, out=out) if out is not None else r.clamp_min(tiny)
     res.log_().mul_(y).clamp_min_(floor).exp_()
-    return res.mul_(torch.sign(r))
+    return res.mul_(torch.sign(r, out=scratch) if scratch is not None else torch.sign(r))
 
 
 def _xlogx(p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -432,13 +435,13 @@ def _entmax_rows(
     tau = torch.maximum(_top_minus_one(x, shifted), bound)
     if n >= 16 * _GROUP:  # the warm start's powers pay off on long rows only
         tau = _group_max_bound(x, tau, lambda xs, t: _newton_step(xs, t, e))
-    scratch = _view(scratch, x)
+    scratch, scratch2 = _view(scratch, x), _view(scratch2, x)
     for _ in range(max_iter):
         r = torch.sub(x, tau, out=out).relu_()
         if linear:
             r_em1 = torch.sign(r, out=scratch) if scratch is not None else torch.sign(r)
         elif fast_pow:
-            r_em1 = _pow_pos(r, e - 1.0, scratch)
+            r_em1 = _pow_pos(r, e - 1.0, scratch, scratch2)
         else:
             r_em1 = torch.pow(r, e - 1.0, out=scratch) if scratch is not None else r.pow(e - 1.0)
             if has_one:  # rows with alpha = 2: 0^0 must count as 0
@@ -548,10 +551,16 @@ def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor], out: Optional[torc
 
 
 def _entmax_weights_and_gppr(
-    x: torch.Tensor, alpha: Union[float, torch.Tensor], tau: torch.Tensor, norm: torch.Tensor, scratch: torch.Tensor
+    x: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    tau: torch.Tensor,
+    norm: torch.Tensor,
+    scratch: torch.Tensor,
+    scratch2: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """From saved thresholds: `p = (x - tau)_+^e / norm` (in place in `x`) and `gppr = p^(2 - alpha)`
-    (in `scratch`) with a single power: `gppr = (x - tau)_+^(e - 1) * norm^(alpha - 2)`."""
+    (in `scratch`) with a single power: `gppr = (x - tau)_+^(e - 1) * norm^(alpha - 2)`
+    (`scratch2`, same shape or None: a temporary for the general-alpha power)."""
     r = x.sub_(tau).relu_()
     if isinstance(alpha, float) and alpha == 2.0:
         gppr = torch.sign(r, out=scratch)
@@ -561,7 +570,7 @@ def _entmax_weights_and_gppr(
         return r.mul_(r).div_(norm), gppr
     e = 1.0 / (alpha - 1.0)
     if not _reference():
-        r_em1 = _pow_pos(r, e - 1.0, scratch)
+        r_em1 = _pow_pos(r, e - 1.0, scratch, scratch2)
     else:
         r_em1 = torch.pow(r, e - 1.0, out=scratch)
         if isinstance(alpha, torch.Tensor) and bool((alpha == 2.0).any()):
