@@ -189,3 +189,18 @@ def test_switch_and_environment_variable(restore_path, monkeypatch):
         get_kernel_path()
     with pytest.raises(ValueError, match="set_kernel_path.*'short'"):
         set_kernel_path("short")
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.3, 2.0, "rows"])
+def test_gppr_paths_agree(alpha, restore_path):
+    """`p^(2 - alpha)` of the maps' backward: exp-log power against `torch.pow` / `sqrt`."""
+    p = torch.softmax(torch.randn(40, 65, dtype=torch.float64) * 3, -1)
+    p[p < 0.005] = 0.0
+    if alpha == "rows":
+        alpha = torch.linspace(1.05, 2.0, 40, dtype=torch.float64).reshape(40, 1)
+    results = []
+    for path in ("reference", "auto"):
+        set_kernel_path(path)
+        results.append(sk._gppr(p, alpha, torch.empty_like(p), torch.empty_like(p)))
+    assert torch.equal(results[0] == 0, p == 0) and torch.equal(results[1] == 0, p == 0)
+    assert torch.allclose(results[1], results[0], rtol=1e-13, atol=0)

@@ -535,14 +535,22 @@ def _entmax15_rows(
     return tau, norm
 
 
-def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """p^(2 - alpha) on the support, 0 elsewhere (Peters et al. 2019, eq. 10)."""
+def _gppr(
+    p: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    out: Optional[torch.Tensor] = None,
+    scratch: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """p^(2 - alpha) on the support, 0 elsewhere (Peters et al. 2019, eq. 10); `scratch` (same shape
+    as `p`, or None) is a temporary of the exp-log power."""
     kw = {} if out is None else {"out": out}
+    if isinstance(alpha, float) and alpha == 2.0:
+        return torch.sign(p, **kw)
+    if not _reference():  # no torch.pow, no sqrt / log of exact zeros (`_pow_pos`)
+        return _pow_pos(p, 2.0 - alpha, out, scratch)
     if isinstance(alpha, float):
         if alpha == 1.5:
             return torch.sqrt(p, **kw)
-        if alpha == 2.0:
-            return torch.sign(p, **kw)
         return torch.pow(p, 2.0 - alpha, **kw)
     gppr = torch.pow(p, 2.0 - alpha, **kw)
     if bool((alpha == 2.0).any()):
@@ -583,8 +591,8 @@ def _entmax_backward_rows(
     p, g, alpha, out, need_alpha: bool, scratch: Optional[torch.Tensor] = None, gppr: Optional[torch.Tensor] = None
 ):
     """out = gppr * (g - <g, gppr> / sum gppr); returns d loss / d alpha per row when asked."""
-    if gppr is None:
-        gppr = _gppr(p, alpha, _view(scratch, p))
+    if gppr is None:  # `out` is free until the product below: the power's temporary
+        gppr = _gppr(p, alpha, _view(scratch, p), out)
     s_gppr = gppr.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     torch.mul(g, gppr, out=out)
     q = out.sum(dim=-1, keepdim=True) / s_gppr
