@@ -21,6 +21,21 @@ def machine_line() -> str:
             f"{load[2]:.2f}")
 
 
+def on_kernel_path(fn: Callable, path: str) -> Callable:
+    """`fn` run with the sparse kernels of `path` (`hopformer.functional.set_kernel_path`, e.g.
+    "reference" for the A/B rows), the default restored after each call."""
+    from hopformer.functional import set_kernel_path
+
+    def run(*args):
+        set_kernel_path(path)
+        try:
+            return fn(*args)
+        finally:
+            set_kernel_path(None)
+
+    return run
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

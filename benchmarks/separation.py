@@ -40,8 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
-from _common import interleaved, machine_line, peak_bytes, saved_bytes  # noqa: E402
-from hopformer.functional import set_kernel_path  # noqa: E402
+from _common import interleaved, machine_line, on_kernel_path, peak_bytes, saved_bytes  # noqa: E402
 from hopformer.functional.separation import entmax, entmax15, separated_attention, sparsemax  # noqa: E402
 
 # (batch, heads) per length: B * H * L^2 scores kept between 2^22 and 2^26
@@ -51,19 +50,6 @@ HEAD_DIM = 32
 
 SPARSE = ("sparsemax", "entmax15", "entmax alpha=1.3", "learnable alpha (per head, grad)")
 REF = " [reference kernels]"
-
-
-def on_path(fn: Callable, path: str) -> Callable:
-    """`fn` run with the sparse kernels of `path` (`set_kernel_path`), the default restored after."""
-
-    def run(*args):
-        set_kernel_path(path)
-        try:
-            return fn(*args)
-        finally:
-            set_kernel_path(None)
-
-    return run
 
 
 def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False) -> Dict[str, Callable]:
@@ -79,7 +65,7 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False)
         "learnable alpha (per head, grad)": lambda q, k, v: separated_attention(q, k, v, separation=alpha),
     }
     if ab:
-        out.update({name + REF: on_path(out[name], "reference") for name in SPARSE})
+        out.update({name + REF: on_kernel_path(out[name], "reference") for name in SPARSE})
 
     def on_scores(sep):
         return lambda q, k, v: sep(q @ k.transpose(-1, -2) / HEAD_DIM**0.5) @ v

@@ -34,8 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
 import hopformer.models  # noqa: E402,F401  (registers the Hopfield ViTs)
-from _common import interleaved, machine_line  # noqa: E402
-from hopformer.functional import set_kernel_path  # noqa: E402
+from _common import interleaved, machine_line, on_kernel_path  # noqa: E402
 from hopformer.models.vit import HOPFIELD_VIT_MODELS  # noqa: E402
 
 VARIANTS: Dict[str, dict] = {
@@ -67,19 +66,6 @@ def stepper(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, call: Ca
     return step
 
 
-def on_path(step: Callable, path: str) -> Callable:
-    """`step` run with the sparse kernels of `path` (`set_kernel_path`), the default restored after."""
-
-    def run() -> None:
-        set_kernel_path(path)
-        try:
-            step()
-        finally:
-            set_kernel_path(None)
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hopfield_vit_mini_patch4_32")
@@ -105,7 +91,7 @@ def main() -> None:
         net = build(name, args.model, device)
         runs[name] = stepper(net, images, labels)
         if args.ab and name not in ("timm ViT (reference)", "softmax"):
-            runs[name + " [reference kernels]"] = on_path(stepper(build(name, args.model, device), images, labels),
+            runs[name + " [reference kernels]"] = on_kernel_path(stepper(build(name, args.model, device), images, labels),
                                                           "reference")
         if args.compile:
             compiled = torch.compile(net)
