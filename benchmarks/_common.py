@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -21,20 +22,45 @@ def machine_line() -> str:
             f"{load[2]:.2f}")
 
 
+def on_kernel_path(fn: Callable, path: str) -> Callable:
+    """`fn` run with the sparse kernels of `path` (`hopformer.functional.set_kernel_path`, e.g.
+    "reference" for the A/B rows), the default restored after each call."""
+    from hopformer.functional import set_kernel_path
+
+    def run(*args):
+        set_kernel_path(path)
+        try:
+            return fn(*args)
+        finally:
+            set_kernel_path(None)
+
+    return run
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def interleaved(runs: Dict[str, Callable[[], None]], repeats: int, device: torch.device,
-                warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of each run, measured round-robin (load changes hit every run alike)."""
+                warmup: int = 1, shuffle: bool = True) -> Dict[str, float]:
+    """Median seconds of each run, measured round-robin (load changes hit every run alike).
+
+    With `shuffle` (default) each round runs in a fresh order (seeded), so effects of the position in a
+    round (e.g. running right after a run that freed a lot of memory) do not fall on the same run in
+    every round: with a fixed order the sparsemax core at L = 4096 read 9-28% slower than the same
+    arithmetic on the reference kernels (`separation.py --ab`); in a shuffled order they read the same."""
     times: Dict[str, List[float]] = {name: [] for name in runs}
+    order = list(runs)
+    rng = random.Random(0)
     for _ in range(warmup):
         for fn in runs.values():
             fn()
     for _ in range(repeats):
-        for name, fn in runs.items():
+        if shuffle:
+            rng.shuffle(order)
+        for name in order:
+            fn = runs[name]
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -19,6 +19,11 @@ Targets (issue 14): sparsemax and entmax15 <= 1.5x SDPA, learnable alpha <= 2.5x
     flock /tmp/hopformer-heavy.lock python benchmarks/separation.py                 # all lengths
     python benchmarks/separation.py --lengths 64 256 --repeats 5 --threads 1
     python benchmarks/separation.py --device cuda                                   # see also gpu.py
+    python benchmarks/separation.py --threads 1 --ab     # + the sparse cores on the reference kernels
+
+With ``--ab`` each sparse core is also timed on the kernels as they were before the small-sequence
+work (``hopformer.functional.set_kernel_path("reference")``), interleaved in the same run; the last
+column is current / reference.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
-from _common import interleaved, machine_line, peak_bytes, saved_bytes  # noqa: E402
+from _common import interleaved, machine_line, on_kernel_path, peak_bytes, saved_bytes  # noqa: E402
 from hopformer.functional.separation import entmax, entmax15, separated_attention, sparsemax  # noqa: E402
 
 # (batch, heads) per length: B * H * L^2 scores kept between 2^22 and 2^26
@@ -43,8 +48,13 @@ SHAPES: Dict[int, Tuple[int, int]] = {64: (64, 8), 256: (16, 8), 1024: (4, 4), 4
 HEAD_DIM = 32
 
 
-def cores(h: int, device: torch.device, maps: bool, pkg: bool) -> Dict[str, Callable]:
-    """name -> f(q, k, v) returning the core's output."""
+SPARSE = ("sparsemax", "entmax15", "entmax alpha=1.3", "learnable alpha (per head, grad)")
+REF = " [reference kernels]"
+
+
+def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False) -> Dict[str, Callable]:
+    """name -> f(q, k, v) returning the core's output (with `ab`, also the sparse cores on the
+    reference kernels)."""
     alpha = torch.full((h, 1, 1), 1.3, device=device, requires_grad=True)
     out: Dict[str, Callable] = {
         "sdpa softmax (reference)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
@@ -54,6 +64,8 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool) -> Dict[str, Call
         "entmax alpha=1.3": lambda q, k, v: separated_attention(q, k, v, separation=1.3),
         "learnable alpha (per head, grad)": lambda q, k, v: separated_attention(q, k, v, separation=alpha),
     }
+    if ab:
+        out.update({name + REF: on_kernel_path(out[name], "reference") for name in SPARSE})
 
     def on_scores(sep):
         return lambda q, k, v: sep(q @ k.transpose(-1, -2) / HEAD_DIM**0.5) @ v
@@ -72,11 +84,11 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool) -> Dict[str, Call
 
 
 def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool, memory: bool,
-          dtype: torch.dtype = torch.float32) -> Dict[str, float]:
+          dtype: torch.dtype = torch.float32, ab: bool = False) -> Dict[str, float]:
     b, h = SHAPES.get(length, (1, 2))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
-    fns = cores(h, device, maps, pkg)
+    fns = cores(h, device, maps, pkg, ab)
 
     def step(fn):
         def run():
@@ -89,8 +101,8 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
     print(f"\n### L={length}: B={b} H={h} d={HEAD_DIM} {str(dtype).removeprefix('torch.')} device={device} "
           f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats}")
     head = f"| {'core':34s} | {'ms':>8s} | {'x SDPA':>6s} |"
-    print(head + (" saved MiB | peak MiB |" if memory else ""))
-    print("|" + "---|" * (5 if memory else 3))
+    print(head + (" saved MiB | peak MiB |" if memory else "") + (" current / reference |" if ab else ""))
+    print("|" + "---|" * (3 + 2 * memory + ab))
     for name, fn in fns.items():
         row = f"| {name:34s} | {med[name] * 1e3:8.1f} | {med[name] / ref:6.2f} |"
         if memory:
@@ -98,6 +110,8 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
             saved = saved_bytes(lambda: fn(q, k, v).float())
             peak = peak_bytes(step(fn), device)
             row += f" {saved / 2**20:9.1f} | {peak / 2**20:8.1f} |"
+        if ab and name + REF in med:
+            row += f" {med[name] / med[name + REF]:.3f} |"
         print(row, flush=True)
     return {name: t / ref for name, t in med.items()}
 
@@ -136,6 +150,7 @@ def main() -> None:
     parser.add_argument("--maps", action="store_true", help="also the maps on materialised scores")
     parser.add_argument("--pkg", action="store_true", help="also the entmax package")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
+    parser.add_argument("--ab", action="store_true", help="also the sparse cores on the reference kernels")
     parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
     args = parser.parse_args()
@@ -147,7 +162,7 @@ def main() -> None:
         return
     for length in args.lengths:
         bench(length, min(args.repeats, 3) if length >= 4096 else args.repeats, torch.device(args.device),
-              args.maps, args.pkg, not args.no_memory)
+              args.maps, args.pkg, not args.no_memory, ab=args.ab)
 
 
 if __name__ == "__main__":

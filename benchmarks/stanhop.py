@@ -11,6 +11,7 @@ ETTh1 training split (8640 rows: 8377 windows, 524 steps of 16). Target (issue 1
 
     flock /tmp/hopformer-heavy.lock python benchmarks/stanhop.py --threads 1
     python benchmarks/stanhop.py --steps 10 --hopfield generalized dense sparse
+    python benchmarks/stanhop.py --threads 1 --ab    # + each variant on the reference sparse kernels
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
-from _common import interleaved, machine_line  # noqa: E402
+from _common import interleaved, machine_line, on_kernel_path  # noqa: E402
 from hopformer.models import STanHopNet  # noqa: E402
 
 PAPER = dict(num_series=7, input_len=168, horizon=96, seg_len=12, win_size=2, num_layers=1, d_model=256,
              num_heads=4, d_ff=512, num_router=10, dropout=0.3)
 TRAIN_ROWS = 12 * 30 * 24  # ETTh1 training split (Informer/Crossformer borders)
+# --hopfield names (STanHop's former vocabulary, docs/ARCHITECTURE.md) -> STanHopNet's layer spec
+KINDS = {"generalized": {}, "dense": dict(separation="softmax"), "sparse": dict(separation="sparsemax"),
+         "kernelized": dict(attention="kernelized"), "continuous": dict(attention="continuous", separation="softmax")}
 
 
 class Attention(nn.Module):
@@ -150,8 +154,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hopfield", nargs="+", default=["generalized", "dense"],
+    parser.add_argument("--hopfield", nargs="+", default=["generalized", "dense"], choices=list(KINDS),
                         help="STanHop-Net variants (generalized = the paper's GSH)")
+    parser.add_argument("--ab", action="store_true",
+                        help="also each variant on the sparse kernels before the small-L work (set_kernel_path)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +170,11 @@ def main() -> None:
     runs = {"Crossformer-style reference (SDPA)": stepper(CrossformerReference(**PAPER).to(device), x, y)}
     for kind in args.hopfield:
         torch.manual_seed(0)
-        runs[f"STanHop-Net hopfield={kind}"] = stepper(STanHopNet(**PAPER, hopfield=kind).to(device), x, y)
+        runs[f"STanHop-Net hopfield={kind}"] = stepper(STanHopNet(**PAPER, **KINDS[kind]).to(device), x, y)
+        if args.ab and kind != "dense":
+            torch.manual_seed(0)
+            runs[f"STanHop-Net hopfield={kind} [reference kernels]"] = on_kernel_path(
+                stepper(STanHopNet(**PAPER, **KINDS[kind]).to(device), x, y), "reference")
     med = interleaved(runs, args.steps, device)
     ref = med["Crossformer-style reference (SDPA)"]
     steps = math.ceil((TRAIN_ROWS - PAPER["input_len"] - PAPER["horizon"] + 1) / args.batch)

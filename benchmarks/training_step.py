@@ -9,6 +9,11 @@ variants <= 1.05x timm.
     flock /tmp/hopformer-heavy.lock python benchmarks/training_step.py --threads 1
     python benchmarks/training_step.py --model hopfield_vit_mini_patch4_32 --batch 32 --repeats 5
     python benchmarks/training_step.py --compile --variants softmax sparsemax
+    python benchmarks/training_step.py --threads 1 --ab      # + each sparse variant on the reference kernels
+
+With ``--ab`` every sparse variant is also timed on the sparse kernels as they were before the
+small-sequence work (``hopformer.functional.set_kernel_path("reference")``), interleaved in the same
+run, and the ratio current / reference is printed.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
 import hopformer.models  # noqa: E402,F401  (registers the Hopfield ViTs)
-from _common import interleaved, machine_line  # noqa: E402
+from _common import interleaved, machine_line, on_kernel_path  # noqa: E402
 from hopformer.models.vit import HOPFIELD_VIT_MODELS  # noqa: E402
 
 VARIANTS: Dict[str, dict] = {
@@ -71,6 +76,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["softmax", "sparsemax", "entmax15", "learnable alpha"],
                         choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also torch.compile each model")
+    parser.add_argument("--ab", action="store_true", help="also each sparse variant on the reference kernels")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,6 +90,9 @@ def main() -> None:
     for name in ["timm ViT (reference)", *args.variants]:
         net = build(name, args.model, device)
         runs[name] = stepper(net, images, labels)
+        if args.ab and name not in ("timm ViT (reference)", "softmax"):
+            runs[name + " [reference kernels]"] = on_kernel_path(stepper(build(name, args.model, device), images, labels),
+                                                          "reference")
         if args.compile:
             compiled = torch.compile(net)
             t0 = time.perf_counter()
@@ -101,6 +110,8 @@ def main() -> None:
         if name.endswith("[compiled]"):
             continue
         row = f"| {name:40s} | {t * 1e3:8.1f} | {t / ref:6.2f} |"
+        if name + " [reference kernels]" in med:
+            row += f" current / reference kernels {t / med[name + ' [reference kernels]']:.3f} |"
         if args.compile:
             tc = med[name + " [compiled]"]
             row = row + f" {t / tc:5.2f}x ({tc * 1e3:.1f} ms, {tc / ref:.2f}x timm) |"

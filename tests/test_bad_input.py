@@ -115,3 +115,18 @@ def test_sequence_memory_nan_init_is_a_clear_error():
     init[2] = float("nan")
     with pytest.raises(ValueError, match=r"init must be finite.*\[2\]"):
         memory.retrieve(init)
+
+
+def test_nan_rows_to_output_marks_every_non_finite_row():
+    """NaN, +inf and -inf anywhere in a query row make that output row NaN; finite rows pass unchanged."""
+    from hopformer.functional.separation import nan_rows_to_output
+
+    q = torch.randn(2, 6, 4)
+    q[0, 1, 2], q[0, 3, 0], q[1, 5, 3] = float("nan"), float("inf"), float("-inf")
+    out = torch.randn(2, 6, 3)
+    got = nan_rows_to_output(q, out)
+    bad = ~torch.isfinite(q).all(-1)
+    assert torch.equal(torch.isnan(got).all(-1), bad) and not torch.isnan(got[~bad]).any()
+    assert torch.equal(got[~bad], out[~bad])
+    finite = torch.randn(2, 6, 4)
+    assert nan_rows_to_output(finite, out) is out  # CPU, every row finite: no copy

@@ -341,12 +341,15 @@ def _qkv(b=2, h=3, n=20, m=17, d=8, dv=5, dtype=torch.float64, seed=0):
     return mk(b, h, n, d), mk(b, h, m, d), mk(b, h, m, dv)
 
 
-@pytest.fixture(params=["default", "tiny_blocks", "no_scratch"])
+@pytest.fixture(params=["default", "tiny_blocks", "no_scratch", "reference_kernels"])
 def block_mode(request, monkeypatch):
-    """Exercise the multi-block paths (rows split within a group) and the GPU-style no-scratch path."""
+    """Exercise the multi-block paths (rows split within a group), the GPU-style no-scratch path and
+    the reference kernels (`set_kernel_path("reference")`, kept for A/B measurements)."""
     import hopformer.functional._separated_attention as sa
     import hopformer.functional._separation_kernels as sk
 
+    if request.param == "reference_kernels":
+        monkeypatch.setattr(sk, "_KERNEL_PATH", "reference")
     if request.param == "tiny_blocks":
         monkeypatch.setattr(sa, "_CHUNK_ELEMS", 64)
         monkeypatch.setattr(sk, "_CHUNK_ELEMS", 64)

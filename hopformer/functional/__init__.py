@@ -12,6 +12,7 @@ from .separation import (
     softmax,
     sparsemax,
 )
+from ._separation_kernels import get_kernel_path, set_kernel_path
 from .hopfield import as_additive_mask, association, hopfield_energy, hopfield_retrieve
 from .separation_loss import (
     SEPARATION_LOSSES,

@@ -25,6 +25,7 @@ from hopformer.functional._separation_kernels import (
     _entmax_rows,
     _entmax_weights_and_gppr,
     _parallel,
+    _reference,
     _row_max,
     _sparsemax_backward_rows,
     _sparsemax_rows,
@@ -36,11 +37,24 @@ _MIN_UNITS = 8  # backward: below this many group units, each unit is split into
 _PIECES = 4
 
 
-def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
-    """(group slice, row slice) blocks of about `_CHUNK_ELEMS` scores each."""
+def _block_rows(groups: int, n: int, m: int, device: torch.device) -> Tuple[int, int]:
+    """`(groups per block, rows per block)`: whole groups per block when a group's `n x m` scores fit
+    in `_CHUNK_ELEMS` (the number of blocks rounded, so sizes are balanced and no tiny last block
+    pays a whole block's fixed cost: at most 1.5x `_CHUNK_ELEMS` scores), else row slices of one group."""
     per = max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(m, 1))
+    if per < n:
+        return 1, per
+    step = max(1, per // n)
+    if not _reference():
+        count = max(1, round(groups / step))
+        step = -(-groups // count)
+    return step, n
+
+
+def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
+    """(group slice, row slice) blocks of about `_CHUNK_ELEMS` scores each (see `_block_rows`)."""
+    step, per = _block_rows(groups, n, m, device)
     if per >= n:
-        step = max(1, per // n)
         for g in range(0, groups, step):
             yield slice(g, min(groups, g + step)), slice(0, n)
     else:
@@ -102,10 +116,10 @@ def _forward_op(
             rows.sub_(row_max)
             shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)
             if kind == "sparsemax":
-                t = _sparsemax_rows(rows, p, ws.bufs[2])
+                t = _sparsemax_rows(rows, p, ws.bufs[2], shifted=True)
             else:
                 a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
-                t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3])
+                t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3], shifted=True)
                 norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
             tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
             torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
@@ -190,7 +204,8 @@ def _backward_op(
                     _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
                 else:
                     a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
-                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape))
+                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape),
+                                                       ds)  # ds: free until the backward rows fill it
                     da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
                     if need_alpha:
                         da = da.view(shape[0], shape[1], 1)
@@ -283,10 +298,8 @@ class _Workspace:
     """`count` flat buffers of one block's size, reused by every block (no per-block allocation)."""
 
     def __init__(self, like: torch.Tensor, n: int, m: int, count: int):
-        limit = _CHUNK_ELEMS if like.device.type == "cpu" else _CHUNK_ELEMS_GPU
-        per = max(1, limit // max(m, 1))
-        size = (per if per < n else (per // n) * n) * m
-        size = min(size, like.shape[0] * n * m)
+        step, per = _block_rows(like.shape[0], n, m, like.device)
+        size = min(step * per * m, like.shape[0] * n * m)
         self.bufs = [like.new_empty(size) for _ in range(count)]
 
     def get(self, i: int, shape) -> torch.Tensor:

@@ -49,6 +49,8 @@ _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)
 _POOL_LOCK = threading.Lock()
 _NUM_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
+_KERNEL_PATHS = ("auto", "reference")
+_KERNEL_PATH: Optional[str] = None  # None: the environment variable HOPFORMER_KERNEL_PATH, else "auto"
 
 
 def _env_workers() -> Optional[int]:
@@ -76,6 +78,35 @@ def set_num_workers(n: Optional[int]) -> None:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
         raise ValueError(f"set_num_workers expects None or an integer >= 0; got {n!r}")
     _NUM_WORKERS = n
+
+
+def set_kernel_path(path: Optional[str]) -> None:
+    """Choose the CPU kernels of the sparse attention core (for A/B measurements and tests).
+
+    `"auto"` (default): the current kernels; `"reference"`: the kernels as they were before the
+    small-sequence work of issue 14 (`torch.pow` / `torch.xlogy` on whole blocks, blocks cut at the
+    block size with a possibly tiny last block, a second row maximum per block). Both give the same
+    results to float rounding. `None` goes back to the environment variable `HOPFORMER_KERNEL_PATH`
+    (read at each call), else `"auto"`.
+    """
+    global _KERNEL_PATH
+    if path is not None and path not in _KERNEL_PATHS:
+        raise ValueError(f"set_kernel_path expects one of {_KERNEL_PATHS} or None; got {path!r}")
+    _KERNEL_PATH = path
+
+
+def get_kernel_path() -> str:
+    """The kernel path the sparse attention core uses now (see `set_kernel_path`)."""
+    if _KERNEL_PATH is not None:
+        return _KERNEL_PATH
+    value = os.environ.get("HOPFORMER_KERNEL_PATH", "").strip() or "auto"
+    if value not in _KERNEL_PATHS:
+        raise ValueError(f"HOPFORMER_KERNEL_PATH must be one of {_KERNEL_PATHS}; got {value!r}")
+    return value
+
+
+def _reference() -> bool:
+    return get_kernel_path() == "reference"
 
 
 def get_num_workers() -> int:
@@ -187,8 +218,43 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _top_minus_one(x: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """`max x - 1` per row `(c, 1)`, the first lower bound of every threshold; -1 without a pass over
+    `x` when its rows are `shifted` (row maximum 0, or all -inf, whose `_row_max` is 0 as well)."""
+    if shifted and not _reference():
+        return x.new_full((x.shape[0], 1), -1.0)
+    return _row_max(x) - 1.0
+
+
 def _pick(e: Exponent, sl: slice) -> Exponent:
     return e[sl] if isinstance(e, torch.Tensor) else e
+
+
+def _pow_pos(
+    r: torch.Tensor, y: Exponent, out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`r^y` on the entries `r > 0` and 0 elsewhere (also for `y = 0`), for `r >= 0` and a float
+    or broadcastable tensor `y >= 0`; written into `out` when given (`out` must not be `r`), with
+    `scratch` (same shape, or None) for the support mask.
+
+    Computed as `exp(max(y log r, floor))` with `r` clamped to the smallest normal float, times
+    `sign(r)`: on CPU `torch.pow` is a scalar loop, and `log` of exact zeros and `exp` of results
+    below the smallest normal float take slow special-value paths (each 10-60x slower per block on
+    the development machine). Agrees with `torch.pow` to a few float ulps times `|y log r|`, and
+    where `r^y` is below `exp(floor)` (about 1e-35 in float32, 1e-304 in float64) it returns that."""
+    tiny = torch.finfo(r.dtype).tiny
+    floor = -80.0 if r.dtype != torch.float64 else -700.0
+    res = torch.clamp_min(r, tiny, out=out) if out is not None else r.clamp_min(tiny)
+    res.log_().mul_(y).clamp_min_(floor).exp_()
+    return res.mul_(torch.sign(r, out=scratch) if scratch is not None else torch.sign(r))
+
+
+def _xlogx(p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`p log p` (0 at `p = 0`) into `out`; `log` of a float clamped to the smallest normal, so no
+    exact zero reaches `log` (`torch.xlogy(p, p)` is 8-10x slower on blocks with many zeros)."""
+    if _reference():
+        return torch.xlogy(p, p, out=out)
+    return torch.clamp_min(p, torch.finfo(p.dtype).tiny, out=out).log_().mul_(p)
 
 
 # ----------------------------------------------------------------------------- sparsemax
@@ -226,16 +292,19 @@ def _michelot_step(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.maximum(tau, tau + (r.sum(dim=-1, keepdim=True) - 1.0) / cnt)
 
 
-def _sparsemax_rows(x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _sparsemax_rows(
+    x: torch.Tensor, out: torch.Tensor, scratch: Optional[torch.Tensor] = None, shifted: bool = False
+) -> torch.Tensor:
     """Write sparsemax of the rows of `x` into `out` (same shape); return the thresholds `(c, 1)`.
 
-    Counts use `sign` of the clipped values (float ops; boolean tensors are slower on CPU).
+    `shifted`: the rows of `x` have maximum 0 already (saves a pass). Counts use `sign` of the
+    clipped values (float ops; boolean tensors are slower on CPU).
     """
     n = x.shape[-1]
     if n >= 4 * _GROUP:
-        tau = _group_max_bound(x, _row_max(x) - 1.0, _michelot_step)
+        tau = _group_max_bound(x, _top_minus_one(x, shifted), _michelot_step)
     else:
-        tau = torch.maximum(_row_max(x) - 1.0, (x.sum(dim=-1, keepdim=True) - 1.0) / n)
+        tau = torch.maximum(_top_minus_one(x, shifted), (x.sum(dim=-1, keepdim=True) - 1.0) / n)
     scratch = _view(scratch, x)
     act = None  # indices of the rows still iterating (None: all rows)
     xa, prev = x, None
@@ -294,7 +363,7 @@ class SparsemaxFunction(Function):
             for i in part:
                 zc = z[slices[i]]  # shifted by the row max: thresholds near 0 keep full precision
                 xs = torch.sub(zc, _row_max(zc), out=_view(shifted, zc)) if shifted is not None else zc - _row_max(zc)
-                _sparsemax_rows(xs, p[slices[i]], buf)
+                _sparsemax_rows(xs, p[slices[i]], buf, shifted=True)
 
         _parallel(job, len(slices), z.device)
         ctx.save_for_backward(p)
@@ -330,7 +399,8 @@ def _newton_step(x: torch.Tensor, tau: torch.Tensor, e: Exponent) -> torch.Tenso
     if isinstance(e, float) and e == 2.0:
         r_em1 = r
     else:
-        r_em1 = torch.where(r > 0, r.pow(e - 1.0), torch.zeros_like(r))  # 0^0 = 0 (alpha = 2 rows)
+        r_em1 = (torch.where(r > 0, r.pow(e - 1.0), torch.zeros_like(r)) if _reference()
+                 else _pow_pos(r, e - 1.0))  # 0^0 = 0 (alpha = 2 rows)
     s_em1 = r_em1.sum(dim=-1, keepdim=True)
     f = torch.linalg.vecdot(r_em1, r).unsqueeze(-1)  # sum r^e
     big_f = f.clamp_min(tiny).pow(1.0 / e)
@@ -346,27 +416,32 @@ def _entmax_rows(
     max_iter: int,
     scratch: Optional[torch.Tensor] = None,
     scratch2: Optional[torch.Tensor] = None,
+    shifted: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Write alpha-entmax of the rows of `x = (alpha - 1) z` into `out`, `e = 1 / (alpha - 1)`.
 
     Returns `(tau, norm)` `(c, 1)` with `out = (x - tau)_+^e / norm` (`norm = 1` on exact rows).
+    `shifted`: the rows of `x` have maximum 0 already (saves a pass).
     """
     if isinstance(e, float) and e == 2.0:
-        return _entmax15_rows(x, out, max_iter, scratch, scratch2)
+        return _entmax15_rows(x, out, max_iter, scratch, scratch2, shifted)
     tiny = torch.finfo(x.dtype).tiny
     n = x.shape[-1]
     linear = isinstance(e, float) and e == 1.0
-    has_one = isinstance(e, torch.Tensor) and bool((e == 1.0).any())
+    fast_pow = not _reference()
+    has_one = not fast_pow and isinstance(e, torch.Tensor) and bool((e == 1.0).any())
     inv_e = 1.0 / e
     bound = x.mean(dim=-1, keepdim=True) - (n**-inv_e if isinstance(e, float) else torch.pow(n, -inv_e))
-    tau = torch.maximum(_row_max(x) - 1.0, bound)
+    tau = torch.maximum(_top_minus_one(x, shifted), bound)
     if n >= 16 * _GROUP:  # the warm start's powers pay off on long rows only
         tau = _group_max_bound(x, tau, lambda xs, t: _newton_step(xs, t, e))
-    scratch = _view(scratch, x)
+    scratch, scratch2 = _view(scratch, x), _view(scratch2, x)
     for _ in range(max_iter):
         r = torch.sub(x, tau, out=out).relu_()
         if linear:
             r_em1 = torch.sign(r, out=scratch) if scratch is not None else torch.sign(r)
+        elif fast_pow:
+            r_em1 = _pow_pos(r, e - 1.0, scratch, scratch2)
         else:
             r_em1 = torch.pow(r, e - 1.0, out=scratch) if scratch is not None else r.pow(e - 1.0)
             if has_one:  # rows with alpha = 2: 0^0 must count as 0
@@ -386,7 +461,10 @@ def _entmax_rows(
         tau = tau_new
     r = torch.sub(x, tau, out=out).relu_()
     if not linear:
-        r.pow_(e)
+        if fast_pow:
+            r.mul_(_pow_pos(r, e - 1.0))
+        else:
+            r.pow_(e)
     norm = r.sum(dim=-1, keepdim=True).clamp_min(tiny)
     out.div_(norm)
     return tau, norm
@@ -398,6 +476,7 @@ def _entmax15_rows(
     max_iter: int,
     scratch: Optional[torch.Tensor] = None,
     scratch2: Optional[torch.Tensor] = None,
+    shifted: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact 1.5-entmax of the rows of `x = z / 2`: Newton from the left on `||(x - tau)_+||_2 = 1`;
     at every iterate the closed-form threshold of the support `S = {x > tau}` is tried and
@@ -406,9 +485,9 @@ def _entmax15_rows(
     tiny = torch.finfo(x.dtype).tiny
     n = x.shape[-1]
     if n >= 4 * _GROUP:
-        tau = _group_max_bound(x, _row_max(x) - 1.0, lambda xs, t: _newton_step(xs, t, 2.0))
+        tau = _group_max_bound(x, _top_minus_one(x, shifted), lambda xs, t: _newton_step(xs, t, 2.0))
     else:
-        tau = torch.maximum(_row_max(x) - 1.0, x.mean(dim=-1, keepdim=True) - n**-0.5)
+        tau = torch.maximum(_top_minus_one(x, shifted), x.mean(dim=-1, keepdim=True) - n**-0.5)
     exact = torch.zeros_like(tau, dtype=torch.bool)
     scratch, scratch2 = _view(scratch, x), _view(scratch2, x)
     act = None  # indices of the rows still iterating (None: all rows)
@@ -456,14 +535,22 @@ def _entmax15_rows(
     return tau, norm
 
 
-def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """p^(2 - alpha) on the support, 0 elsewhere (Peters et al. 2019, eq. 10)."""
+def _gppr(
+    p: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    out: Optional[torch.Tensor] = None,
+    scratch: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """p^(2 - alpha) on the support, 0 elsewhere (Peters et al. 2019, eq. 10); `scratch` (same shape
+    as `p`, or None) is a temporary of the exp-log power."""
     kw = {} if out is None else {"out": out}
+    if isinstance(alpha, float) and alpha == 2.0:
+        return torch.sign(p, **kw)
+    if not _reference():  # no torch.pow, no sqrt / log of exact zeros (`_pow_pos`)
+        return _pow_pos(p, 2.0 - alpha, out, scratch)
     if isinstance(alpha, float):
         if alpha == 1.5:
             return torch.sqrt(p, **kw)
-        if alpha == 2.0:
-            return torch.sign(p, **kw)
         return torch.pow(p, 2.0 - alpha, **kw)
     gppr = torch.pow(p, 2.0 - alpha, **kw)
     if bool((alpha == 2.0).any()):
@@ -472,10 +559,16 @@ def _gppr(p: torch.Tensor, alpha: Union[float, torch.Tensor], out: Optional[torc
 
 
 def _entmax_weights_and_gppr(
-    x: torch.Tensor, alpha: Union[float, torch.Tensor], tau: torch.Tensor, norm: torch.Tensor, scratch: torch.Tensor
+    x: torch.Tensor,
+    alpha: Union[float, torch.Tensor],
+    tau: torch.Tensor,
+    norm: torch.Tensor,
+    scratch: torch.Tensor,
+    scratch2: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """From saved thresholds: `p = (x - tau)_+^e / norm` (in place in `x`) and `gppr = p^(2 - alpha)`
-    (in `scratch`) with a single power: `gppr = (x - tau)_+^(e - 1) * norm^(alpha - 2)`."""
+    (in `scratch`) with a single power: `gppr = (x - tau)_+^(e - 1) * norm^(alpha - 2)`
+    (`scratch2`, same shape or None: a temporary for the general-alpha power)."""
     r = x.sub_(tau).relu_()
     if isinstance(alpha, float) and alpha == 2.0:
         gppr = torch.sign(r, out=scratch)
@@ -484,9 +577,12 @@ def _entmax_weights_and_gppr(
         gppr = torch.mul(r, norm.rsqrt(), out=scratch)
         return r.mul_(r).div_(norm), gppr
     e = 1.0 / (alpha - 1.0)
-    r_em1 = torch.pow(r, e - 1.0, out=scratch)
-    if isinstance(alpha, torch.Tensor) and bool((alpha == 2.0).any()):
-        r_em1.mul_(torch.sign(r))
+    if not _reference():
+        r_em1 = _pow_pos(r, e - 1.0, scratch, scratch2)
+    else:
+        r_em1 = torch.pow(r, e - 1.0, out=scratch)
+        if isinstance(alpha, torch.Tensor) and bool((alpha == 2.0).any()):
+            r_em1.mul_(torch.sign(r))
     p = r.mul_(r_em1).div_(norm)
     return p, r_em1.mul_(torch.pow(norm, alpha - 2.0))
 
@@ -495,8 +591,8 @@ def _entmax_backward_rows(
     p, g, alpha, out, need_alpha: bool, scratch: Optional[torch.Tensor] = None, gppr: Optional[torch.Tensor] = None
 ):
     """out = gppr * (g - <g, gppr> / sum gppr); returns d loss / d alpha per row when asked."""
-    if gppr is None:
-        gppr = _gppr(p, alpha, _view(scratch, p))
+    if gppr is None:  # `out` is free until the product below: the power's temporary
+        gppr = _gppr(p, alpha, _view(scratch, p), out)
     s_gppr = gppr.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     torch.mul(g, gppr, out=out)
     q = out.sum(dim=-1, keepdim=True) / s_gppr
@@ -507,7 +603,7 @@ def _entmax_backward_rows(
     # with skew = gppr / sum gppr and H = sum p log p; contracted with g row by row as sums
     # (<g, skew> = q above), so no full-size temporary is formed.
     am1 = alpha - 1.0
-    plogp = torch.xlogy(p, p, out=gppr)  # gppr is not needed any more
+    plogp = _xlogx(p, gppr)  # gppr is not needed any more
     ent = plogp.sum(dim=-1, keepdim=True)
     g_plogp = torch.linalg.vecdot(g, plogp).unsqueeze(-1)
     g_p = torch.linalg.vecdot(g, p).unsqueeze(-1)
@@ -549,7 +645,7 @@ class EntmaxFunction(Function):
             for i in part:
                 sl = slices[i]
                 x = z[sl] * (_pick(a, sl) - 1.0)
-                _entmax_rows(x.sub_(_row_max(x)), _pick(e, sl), p[sl], tol, max_iter, buf, buf2)
+                _entmax_rows(x.sub_(_row_max(x)), _pick(e, sl), p[sl], tol, max_iter, buf, buf2, shifted=True)
 
         _parallel(job, len(slices), z.device)
         ctx.alpha = a if not is_tensor else None
