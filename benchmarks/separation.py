@@ -19,11 +19,12 @@ Targets (issue 14): sparsemax and entmax15 <= 1.5x SDPA, learnable alpha <= 2.5x
     flock /tmp/hopformer-heavy.lock python benchmarks/separation.py                 # all lengths
     python benchmarks/separation.py --lengths 64 256 --repeats 5 --threads 1
     python benchmarks/separation.py --device cuda                                   # see also gpu.py
-    python benchmarks/separation.py --threads 1 --ab     # + the sparse cores on the reference kernels
+    python benchmarks/separation.py --threads 1 --ab     # + the sparse cores on the torch-op kernels
 
-With ``--ab`` each sparse core is also timed on the kernels as they were before the small-sequence
-work (``hopformer.functional.set_kernel_path("reference")``), interleaved in the same run; the last
-column is current / reference.
+With ``--ab [PATH]`` each sparse core is also timed on the kernels of another path
+(``hopformer.functional.set_kernel_path``): ``torch`` (default: the torch-op kernels, i.e. before the
+fused C++ kernels) or ``reference`` (before the small-sequence work), interleaved in the same run;
+the last column is current / that path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +50,11 @@ HEAD_DIM = 32
 
 
 SPARSE = ("sparsemax", "entmax15", "entmax alpha=1.3", "learnable alpha (per head, grad)")
-REF = " [reference kernels]"
 
 
-def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False) -> Dict[str, Callable]:
-    """name -> f(q, k, v) returning the core's output (with `ab`, also the sparse cores on the
-    reference kernels)."""
+def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: Optional[str] = None) -> Dict[str, Callable]:
+    """name -> f(q, k, v) returning the core's output (with `ab` a kernel path, also the sparse cores
+    on that path's kernels)."""
     alpha = torch.full((h, 1, 1), 1.3, device=device, requires_grad=True)
     out: Dict[str, Callable] = {
         "sdpa softmax (reference)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
@@ -65,7 +65,7 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False)
         "learnable alpha (per head, grad)": lambda q, k, v: separated_attention(q, k, v, separation=alpha),
     }
     if ab:
-        out.update({name + REF: on_kernel_path(out[name], "reference") for name in SPARSE})
+        out.update({f"{name} [{ab} kernels]": on_kernel_path(out[name], ab) for name in SPARSE})
 
     def on_scores(sep):
         return lambda q, k, v: sep(q @ k.transpose(-1, -2) / HEAD_DIM**0.5) @ v
@@ -84,7 +84,7 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: bool = False)
 
 
 def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool, memory: bool,
-          dtype: torch.dtype = torch.float32, ab: bool = False) -> Dict[str, float]:
+          dtype: torch.dtype = torch.float32, ab: Optional[str] = None) -> Dict[str, float]:
     b, h = SHAPES.get(length, (1, 2))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
@@ -101,8 +101,8 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
     print(f"\n### L={length}: B={b} H={h} d={HEAD_DIM} {str(dtype).removeprefix('torch.')} device={device} "
           f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats}")
     head = f"| {'core':34s} | {'ms':>8s} | {'x SDPA':>6s} |"
-    print(head + (" saved MiB | peak MiB |" if memory else "") + (" current / reference |" if ab else ""))
-    print("|" + "---|" * (3 + 2 * memory + ab))
+    print(head + (" saved MiB | peak MiB |" if memory else "") + (f" current / {ab} |" if ab else ""))
+    print("|" + "---|" * (3 + 2 * memory + bool(ab)))
     for name, fn in fns.items():
         row = f"| {name:34s} | {med[name] * 1e3:8.1f} | {med[name] / ref:6.2f} |"
         if memory:
@@ -110,8 +110,8 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
             saved = saved_bytes(lambda: fn(q, k, v).float())
             peak = peak_bytes(step(fn), device)
             row += f" {saved / 2**20:9.1f} | {peak / 2**20:8.1f} |"
-        if ab and name + REF in med:
-            row += f" {med[name] / med[name + REF]:.3f} |"
+        if ab and f"{name} [{ab} kernels]" in med:
+            row += f" {med[name] / med[f'{name} [{ab} kernels]']:.3f} |"
         print(row, flush=True)
     return {name: t / ref for name, t in med.items()}
 
@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--maps", action="store_true", help="also the maps on materialised scores")
     parser.add_argument("--pkg", action="store_true", help="also the entmax package")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
-    parser.add_argument("--ab", action="store_true", help="also the sparse cores on the reference kernels")
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+                        help="also the sparse cores on the kernels of this path (default: torch)")
     parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
     args = parser.parse_args()

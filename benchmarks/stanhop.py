@@ -156,8 +156,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hopfield", nargs="+", default=["generalized", "dense"], choices=list(KINDS),
                         help="STanHop-Net variants (generalized = the paper's GSH)")
-    parser.add_argument("--ab", action="store_true",
-                        help="also each variant on the sparse kernels before the small-L work (set_kernel_path)")
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+                        help="also each variant on the sparse kernels of this path (set_kernel_path; default: torch)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,8 +173,8 @@ def main() -> None:
         runs[f"STanHop-Net hopfield={kind}"] = stepper(STanHopNet(**PAPER, **KINDS[kind]).to(device), x, y)
         if args.ab and kind != "dense":
             torch.manual_seed(0)
-            runs[f"STanHop-Net hopfield={kind} [reference kernels]"] = on_kernel_path(
-                stepper(STanHopNet(**PAPER, **KINDS[kind]).to(device), x, y), "reference")
+            runs[f"STanHop-Net hopfield={kind} [{args.ab} kernels]"] = on_kernel_path(
+                stepper(STanHopNet(**PAPER, **KINDS[kind]).to(device), x, y), args.ab)
     med = interleaved(runs, args.steps, device)
     ref = med["Crossformer-style reference (SDPA)"]
     steps = math.ceil((TRAIN_ROWS - PAPER["input_len"] - PAPER["horizon"] + 1) / args.batch)

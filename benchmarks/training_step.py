@@ -9,11 +9,12 @@ variants <= 1.05x timm.
     flock /tmp/hopformer-heavy.lock python benchmarks/training_step.py --threads 1
     python benchmarks/training_step.py --model hopfield_vit_mini_patch4_32 --batch 32 --repeats 5
     python benchmarks/training_step.py --compile --variants softmax sparsemax
-    python benchmarks/training_step.py --threads 1 --ab      # + each sparse variant on the reference kernels
+    python benchmarks/training_step.py --threads 1 --ab      # + each sparse variant on the torch-op kernels
 
-With ``--ab`` every sparse variant is also timed on the sparse kernels as they were before the
-small-sequence work (``hopformer.functional.set_kernel_path("reference")``), interleaved in the same
-run, and the ratio current / reference is printed.
+With ``--ab [PATH]`` every sparse variant is also timed on the sparse kernels of another path
+(``hopformer.functional.set_kernel_path``: ``torch``, the default, for the torch-op kernels before
+the fused C++ kernels; ``reference`` for those before the small-sequence work), interleaved in the
+same run, and the ratio current / that path is printed.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["softmax", "sparsemax", "entmax15", "learnable alpha"],
                         choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also torch.compile each model")
-    parser.add_argument("--ab", action="store_true", help="also each sparse variant on the reference kernels")
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+                        help="also each sparse variant on the kernels of this path (default: torch)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,8 +93,8 @@ def main() -> None:
         net = build(name, args.model, device)
         runs[name] = stepper(net, images, labels)
         if args.ab and name not in ("timm ViT (reference)", "softmax"):
-            runs[name + " [reference kernels]"] = on_kernel_path(stepper(build(name, args.model, device), images, labels),
-                                                          "reference")
+            runs[f"{name} [{args.ab} kernels]"] = on_kernel_path(
+                stepper(build(name, args.model, device), images, labels), args.ab)
         if args.compile:
             compiled = torch.compile(net)
             t0 = time.perf_counter()
@@ -110,8 +112,8 @@ def main() -> None:
         if name.endswith("[compiled]"):
             continue
         row = f"| {name:40s} | {t * 1e3:8.1f} | {t / ref:6.2f} |"
-        if name + " [reference kernels]" in med:
-            row += f" current / reference kernels {t / med[name + ' [reference kernels]']:.3f} |"
+        if f"{name} [{args.ab} kernels]" in med:
+            row += f" current / {args.ab} kernels {t / med[f'{name} [{args.ab} kernels]']:.3f} |"
         if args.compile:
             tc = med[name + " [compiled]"]
             row = row + f" {t / tc:5.2f}x ({tc * 1e3:.1f} ms, {tc / ref:.2f}x timm) |"

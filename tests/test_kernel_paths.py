@@ -1,6 +1,7 @@
-"""The sparse attention kernels' two paths (`set_kernel_path`): the current kernels ("auto") against the
-reference kernels (those before the small-sequence work of issue 14), the exp-log power `_pow_pos`,
-`_xlogx`, the balanced blocks, float64 gradchecks and the switch itself."""
+"""The sparse attention kernels' torch-op paths (`set_kernel_path`): the torch-op kernels ("torch") against
+the reference kernels (those before the small-sequence work of issue 14), the exp-log power `_pow_pos`,
+`_xlogx`, the balanced blocks, float64 gradchecks of every path and the switch itself. The fused C++
+kernels ("native", the default where they build) are tested against "torch" in `test_native_kernels.py`."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_sparsemax_entmax15_paths_identical(separation, dtype, restore_path):
     mask = torch.rand(65, 65, generator=torch.Generator().manual_seed(1)) > 0.2
     for m in (None, mask):
         ref = _run("reference", q, k, v, separation, m)
-        new = _run("auto", q, k, v, separation, m)
+        new = _run("torch", q, k, v, separation, m)
         for a, b in zip(new, ref):
             assert torch.equal(a, b)
 
@@ -67,24 +68,25 @@ def test_general_alpha_paths_agree(alpha, restore_path):
     1 / (alpha - 1)^2: both paths are off by 1e-5..1e-3 there)."""
     q, k, v = _qkv(2, 4, 40, 65)
     truth = _run("reference", q, k, v, _alpha(alpha, torch.float64))
-    new = _run("auto", q, k, v, _alpha(alpha, torch.float64))
+    new = _run("torch", q, k, v, _alpha(alpha, torch.float64))
     for a, b in zip(new, truth):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() <= 1e-11 * max(1.0, b.abs().max().item())
     assert torch.equal(new[0] == 0, truth[0] == 0)  # the same exact zeros
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     errors = {}
-    for path in ("reference", "auto"):
+    for path in ("reference", "torch"):
         out = _run(path, q32, k32, v32, _alpha(alpha, torch.float32))
         errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
-    for err_new, err_ref in zip(errors["auto"], errors["reference"]):
+    for err_new, err_ref in zip(errors["torch"], errors["reference"]):
         assert err_new <= 2 * err_ref + 1e-5
 
 
+@pytest.mark.parametrize("path", ["torch", "auto"])
 @pytest.mark.parametrize("alpha", [1.3, 1.9])
-def test_general_alpha_matches_entmax_package(alpha, restore_path):
-    """The current path against the `entmax` package's bisection on materialised scores."""
-    set_kernel_path("auto")
+def test_general_alpha_matches_entmax_package(alpha, path, restore_path):
+    """The torch-op and the default path against the `entmax` package's bisection on materialised scores."""
+    set_kernel_path(path)
     q, k, v = _qkv(2, 2, 33, 65)
     scores = q @ k.transpose(-1, -2) * 8**-0.5
     ref = pkg.entmax_bisect(scores, alpha, dim=-1, n_iter=100) @ v
@@ -94,11 +96,12 @@ def test_general_alpha_matches_entmax_package(alpha, restore_path):
     assert torch.allclose(entmax(z, alpha), pkg.entmax_bisect(z, alpha, dim=-1, n_iter=100), atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["torch", "auto"])
 @pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.4, "per_head"])
-def test_gradcheck_current_path(separation, restore_path):
-    """float64 gradcheck of the current kernels at a short row length (alpha = 1.05 and 1.95 rows
-    exercise the exp-log power near both ends)."""
-    set_kernel_path("auto")
+def test_gradcheck_current_path(separation, path, restore_path):
+    """float64 gradcheck of the torch-op and the default kernels at a short row length (alpha = 1.05
+    and 1.95 rows exercise the powers near both ends)."""
+    set_kernel_path(path)
     q, k, v = _qkv(1, 3, 5, 9, 3)
     inputs = (q, k, v)
     if separation == "per_head":
@@ -111,8 +114,9 @@ def test_gradcheck_current_path(separation, restore_path):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
 
 
-def test_inference_mode_and_no_grad(restore_path):
-    set_kernel_path("auto")
+@pytest.mark.parametrize("path", ["torch", "auto"])
+def test_inference_mode_and_no_grad(path, restore_path):
+    set_kernel_path(path)
     q, k, v = _qkv(2, 4, 65, 65, dtype=torch.float32)
     alpha = torch.tensor([1.2, 1.5, 1.8, 2.0]).reshape(4, 1, 1)
     ref = separated_attention(q, k, v, separation=alpha).detach()
@@ -184,6 +188,9 @@ def test_switch_and_environment_variable(restore_path, monkeypatch):
     set_kernel_path(None)
     monkeypatch.setenv("HOPFORMER_KERNEL_PATH", "reference")
     assert get_kernel_path() == "reference"
+    for path in ("torch", "native"):
+        monkeypatch.setenv("HOPFORMER_KERNEL_PATH", path)
+        assert get_kernel_path() == path
     monkeypatch.setenv("HOPFORMER_KERNEL_PATH", "fast")
     with pytest.raises(ValueError, match="HOPFORMER_KERNEL_PATH.*'fast'"):
         get_kernel_path()
@@ -199,7 +206,7 @@ def test_gppr_paths_agree(alpha, restore_path):
     if alpha == "rows":
         alpha = torch.linspace(1.05, 2.0, 40, dtype=torch.float64).reshape(40, 1)
     results = []
-    for path in ("reference", "auto"):
+    for path in ("reference", "torch"):
         set_kernel_path(path)
         results.append(sk._gppr(p, alpha, torch.empty_like(p), torch.empty_like(p)))
     assert torch.equal(results[0] == 0, p == 0) and torch.equal(results[1] == 0, p == 0)

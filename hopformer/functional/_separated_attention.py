@@ -24,6 +24,7 @@ from hopformer.functional._separation_kernels import (
     _entmax_backward_rows,
     _entmax_rows,
     _entmax_weights_and_gppr,
+    _native_kernels,
     _parallel,
     _reference,
     _row_max,
@@ -102,6 +103,7 @@ def _forward_op(
     _, qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
+    native = _native_kernels(q.device)
 
     def job(part):
         ws = _Workspace(q, n, m, 4)
@@ -112,6 +114,12 @@ def _forward_op(
             _add_mask(x, mask, gs, rs, scale)
             rows = x.view(-1, m)
             p = ws.get(1, rows.shape)
+            if native is not None:  # one fused call: row maxima, thresholds, normalisers and weights
+                a_rows = _alpha_block(a_t, gs, rs, x.shape).reshape(-1).contiguous() if a_t is not None else None
+                native.forward(rows, p, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
+                               shift[gs, rs].view(-1), norm[gs, rs].view(-1))
+                torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
+                continue
             row_max = _row_max(rows)
             rows.sub_(row_max)
             shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)
@@ -163,6 +171,7 @@ def _backward_op(
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
+    native = _native_kernels(q.device)
 
     items = _units(blocks)
     owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)
@@ -192,27 +201,35 @@ def _backward_op(
                 shape = (gs.stop - gs.start, rs.stop - rs.start, m)
                 x = ws.get(0, shape)
                 torch.bmm(qs[gs, rs], k_t[gs], out=x)
-                x = _add_mask(x, mask, gs, rs, scale).view(-1, m).sub_(shift[gs, rs].reshape(-1, 1))
-                t = tau[gs, rs].reshape(-1, 1)
+                x = _add_mask(x, mask, gs, rs, scale).view(-1, m)
                 go = g_out[gs, rs]
                 dp = ws.get(1, shape)
                 torch.bmm(go, v_t[gs], out=dp)
                 dp = dp.view(-1, m)
                 ds = ws.get(2, dp.shape)  # d loss / d scores
-                if kind == "sparsemax":
-                    p = x.sub_(t).relu_()
-                    _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
+                if native is not None:  # one fused call: weights (into x), ds and d loss / d alpha per row
+                    a_rows = _alpha_block(a_t, gs, rs, shape).reshape(-1).contiguous() if a_t is not None else None
+                    da = ws.get(3, (shape[0] * shape[1],)) if need_alpha else None
+                    native.backward(x, dp, ds, kind, a_rows, alpha_f, tau[gs, rs].view(-1), shift[gs, rs].view(-1),
+                                    norm[gs, rs].view(-1), da)
+                    p = x
                 else:
-                    a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
-                    p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1), ws.get(3, x.shape),
-                                                       ds)  # ds: free until the backward rows fill it
-                    da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
-                    if need_alpha:
-                        da = da.view(shape[0], shape[1], 1)
-                        if a_t.shape[1] == 1:
-                            ga += da.sum(dim=1, keepdim=True)
-                        else:
-                            ga[:, rs] += da
+                    x = x.sub_(shift[gs, rs].reshape(-1, 1))
+                    t = tau[gs, rs].reshape(-1, 1)
+                    if kind == "sparsemax":
+                        p = x.sub_(t).relu_()
+                        _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
+                    else:
+                        a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
+                        p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1),
+                                                           ws.get(3, x.shape), ds)  # ds: free until filled below
+                        da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
+                if need_alpha:
+                    da = da.view(shape[0], shape[1], 1)
+                    if a_t.shape[1] == 1:
+                        ga += da.sum(dim=1, keepdim=True)
+                    else:
+                        ga[:, rs] += da
                 p3, ds3 = p.view(shape), ds.view(shape)
                 gv.baddbmm_(p3.transpose(1, 2), go)
                 torch.bmm(ds3, k[gs], out=dq[gs, rs])

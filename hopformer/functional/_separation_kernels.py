@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
@@ -49,7 +50,7 @@ _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)
 _POOL_LOCK = threading.Lock()
 _NUM_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
-_KERNEL_PATHS = ("auto", "reference")
+_KERNEL_PATHS = ("auto", "native", "torch", "reference")
 _KERNEL_PATH: Optional[str] = None  # None: the environment variable HOPFORMER_KERNEL_PATH, else "auto"
 
 
@@ -83,11 +84,14 @@ def set_num_workers(n: Optional[int]) -> None:
 def set_kernel_path(path: Optional[str]) -> None:
     """Choose the CPU kernels of the sparse attention core (for A/B measurements and tests).
 
-    `"auto"` (default): the current kernels; `"reference"`: the kernels as they were before the
-    small-sequence work of issue 14 (`torch.pow` / `torch.xlogy` on whole blocks, blocks cut at the
-    block size with a possibly tiny last block, a second row maximum per block). Both give the same
-    results to float rounding. `None` goes back to the environment variable `HOPFORMER_KERNEL_PATH`
-    (read at each call), else `"auto"`.
+    `"auto"` (default): the fused C++ row kernels (`hopformer/functional/_native`, built with the
+    system's C++ compiler at first use and cached), else, when they cannot be built, the torch-op
+    kernels (with one warning saying why); `"native"`: the C++ kernels or an error; `"torch"`: the
+    torch-op kernels; `"reference"`: the torch-op kernels as they were before the small-sequence work
+    of issue 14 (`torch.pow` / `torch.xlogy` on whole blocks, blocks cut at the block size with a
+    possibly tiny last block, a second row maximum per block). All give the same results to float
+    rounding. `None` goes back to the environment variable `HOPFORMER_KERNEL_PATH` (read at each
+    call), else `"auto"`.
     """
     global _KERNEL_PATH
     if path is not None and path not in _KERNEL_PATHS:
@@ -107,6 +111,30 @@ def get_kernel_path() -> str:
 
 def _reference() -> bool:
     return get_kernel_path() == "reference"
+
+
+_WARNED_NATIVE = False
+
+
+def _native_kernels(device: torch.device):
+    """The fused C++ kernels (module `hopformer.functional._native`) when the kernel path and the
+    device allow them and they load, else None (the torch-op kernels)."""
+    global _WARNED_NATIVE
+    path = get_kernel_path()
+    if device.type != "cpu" or path in ("torch", "reference"):
+        return None
+    from hopformer.functional import _native
+
+    if _native.load() is not None:
+        return _native
+    if path == "native":
+        raise RuntimeError(f"set_kernel_path('native'): the native kernels could not be built: {_native.error()}")
+    if not _WARNED_NATIVE:
+        _WARNED_NATIVE = True
+        warnings.warn(f"hopformer: the fused C++ sparse kernels could not be built ({_native.error()}); using the "
+                      "slower torch-op kernels (set HOPFORMER_KERNEL_PATH=torch to choose them explicitly)",
+                      RuntimeWarning, stacklevel=3)
+    return None
 
 
 def get_num_workers() -> int:

@@ -1,0 +1,183 @@
+"""The fused C++ row kernels of the sparse attention core (`separation.cpp`), built at first use.
+
+The source is plain C++ (no torch headers), so a build takes about a second with any C++17 compiler
+(`$CXX`, else `c++`, `g++` or `clang++` on the PATH). The library is cached under
+`$HOPFORMER_CACHE_DIR` (default `$XDG_CACHE_HOME/hopformer`, i.e. `~/.cache/hopformer`), keyed by the
+source, the flags, the compiler and the CPU, and loaded with ctypes (whose calls release the GIL, so the
+sparse kernels' worker threads run blocks in parallel). Without a compiler the torch-op kernels are used
+and `error()` says why; `hopformer.functional.set_kernel_path("native")` makes that an error instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("separation.cpp")
+FLAGS = ["-O3", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
+# tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
+ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
+KINDS = {"sparsemax": 0, "entmax": 1}
+ABI_VERSION = 1
+
+_LOCK = threading.Lock()
+_LIB: Optional[ctypes.CDLL] = None
+_ERROR: Optional[str] = None
+_TRIED = False
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (`$HOPFORMER_CACHE_DIR`, else `$XDG_CACHE_HOME/hopformer`)."""
+    env = os.environ.get("HOPFORMER_CACHE_DIR", "").strip()
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(base) / "hopformer"
+
+
+def _compiler() -> Optional[str]:
+    env = os.environ.get("CXX", "").strip()
+    if env:
+        return env
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_key() -> str:
+    """The CPU's feature flags (`-march=native` builds differ per CPU), else the processor name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cxx: str, target: Path) -> None:
+    """Compile the source into `target` (atomically: a temporary file in the same folder, renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in ARCH_FLAGS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [cxx, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            done, message = None, f"{' '.join(cmd)}: {exc}"
+        if done is not None and done.returncode == 0:
+            os.replace(tmp, target)
+            return
+        if done is not None:
+            message = f"{' '.join(cmd)} exited with {done.returncode}: {done.stderr.strip()[-2000:]}"
+        errors.append(message)
+        Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suffix in ("f32", "f64"):
+        fwd = getattr(lib, f"hop_forward_{suffix}")
+        fwd.argtypes = [ptr, ptr, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr]
+        fwd.restype = i32
+        bwd = getattr(lib, f"hop_backward_{suffix}")
+        bwd.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr]
+        bwd.restype = i32
+    lib.hop_abi_version.restype = i32
+    if lib.hop_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale library: ABI {lib.hop_abi_version()}, expected {ABI_VERSION}")
+    return lib
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The kernels' library, built on the first call (None, with `error()` set, when that fails)."""
+    global _LIB, _ERROR, _TRIED
+    if _TRIED:
+        return _LIB
+    with _LOCK:
+        if _TRIED:
+            return _LIB
+        try:
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+            version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256(
+                b"\0".join([SOURCE.read_bytes(), repr((FLAGS, ARCH_FLAGS)).encode(), version.encode(),
+                            _cpu_key().encode()])
+            ).hexdigest()[:16]
+            target = cache_dir() / f"separation-{key}.so"
+            if not target.exists():
+                try:
+                    _compile(cxx, target)
+                except PermissionError:  # read-only cache: a private temporary folder
+                    target = Path(tempfile.mkdtemp(prefix="hopformer-")) / target.name
+                    _compile(cxx, target)
+            _LIB = _declare(ctypes.CDLL(str(target)))
+        except Exception as exc:  # any failure: the torch-op kernels take over
+            _ERROR = f"{type(exc).__name__}: {exc}"
+            _LIB = None
+        _TRIED = True
+        return _LIB
+
+
+def error() -> Optional[str]:
+    """Why the library could not be built or loaded (None when it was, or was not tried yet)."""
+    return _ERROR
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> str:
+    for t in tensors:
+        if t is not None and (t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"native kernels need contiguous CPU {dtype} tensors; got {t.dtype} {tuple(t.shape)} "
+                             f"contiguous={t.is_contiguous()} on {t.device}")
+    if dtype == torch.float32:
+        return "f32"
+    if dtype == torch.float64:
+        return "f64"
+    raise ValueError(f"native kernels support float32 and float64; got {dtype}")
+
+
+def forward(x: torch.Tensor, p: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor], alpha: float, tol: float,
+            max_iter: int, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor) -> None:
+    """Weights `p` of the rows of `x` `(R, n)` (scores times alpha - 1) and, per row, `tau`, `shift`
+    (the row maximum) and `norm` (see `separation.cpp`); `alpha_rows` `(R,)` or None (then `alpha`)."""
+    lib = load()
+    suffix = _check(x.dtype, x, p, alpha_rows, tau, shift, norm)
+    rows, n = x.shape
+    status = getattr(lib, f"hop_forward_{suffix}")(_ptr(x), _ptr(p), rows, n, KINDS[kind], _ptr(alpha_rows),
+                                                   float(alpha), float(tol), int(max_iter), _ptr(tau), _ptr(shift),
+                                                   _ptr(norm))
+    if status != 0:
+        raise ValueError("scores contain NaN or +inf: the separation maps need finite scores or -inf")
+
+
+def backward(x: torch.Tensor, g: torch.Tensor, ds: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor],
+             alpha: float, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor,
+             dalpha: Optional[torch.Tensor]) -> None:
+    """From the recomputed scores `x` `(R, n)` (overwritten with the weights) and `g` = d loss / d p:
+    `ds` = d loss / d x and, when `dalpha` `(R,)` is given, d loss / d alpha per row."""
+    lib = load()
+    suffix = _check(x.dtype, x, g, ds, alpha_rows, tau, shift, norm, dalpha)
+    rows, n = x.shape
+    getattr(lib, f"hop_backward_{suffix}")(_ptr(x), _ptr(g), _ptr(ds), rows, n, KINDS[kind], _ptr(alpha_rows),
+                                           float(alpha), _ptr(tau), _ptr(shift), _ptr(norm), _ptr(dalpha))

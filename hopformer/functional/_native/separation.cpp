@@ -1,0 +1,444 @@
+// Fused row kernels of the sparse attention core (sparsemax, 1.5-entmax, alpha-entmax).
+//
+// One call handles a block of rows of scores `x` (row-major, `rows x n`); each row is read a few times
+// while it sits in the L1 cache, instead of the 15-40 full-block passes of the torch-op kernels.
+// Built at first use by `hopformer/functional/_native/__init__.py` (plain C++, no torch headers) and
+// called through ctypes, which releases the GIL, so the CPU worker threads run blocks in parallel.
+// Arithmetic is in the rows' own precision T (float32 or float64), like the torch-op kernels; every loop
+// over a row is a plain vectorisable reduction (one horizontal sum per loop and row).
+//
+// Forward, per row (Martins & Astudillo 2016; Peters et al. 2019, "Sparse sequence-to-sequence models"):
+//   shift = max x (0 for an all -inf row), y = x - shift (large scores keep their precision),
+//   sparsemax:  tau with sum (y - tau)_+ = 1, exact: Michelot's support iteration from a lower bound,
+//               stopped when the support's own threshold keeps every support entry above it;
+//   1.5-entmax: tau with sum (y - tau)_+^2 = 1, exact: Newton from the left on ||(y - tau)_+||_2 = 1 and,
+//               at every iterate, the closed-form threshold of the support (Peters et al. 2019, Alg. 2),
+//               accepted when it reproduces that support;
+//   alpha:      Newton from the left on ||(y - tau)_+||_e = 1, e = 1 / (alpha - 1), stopped at
+//               | ||.||_e - 1 | <= tol or when it stalls; the row is renormalised (`norm`).
+//   p = (y - tau)_+^e / norm.
+// Backward, per row, from the saved (shift, tau, norm): eq. 10 of Peters et al. 2019,
+//   ds = gppr * (g - <g, gppr> / sum gppr), gppr = p^(2 - alpha) (the support indicator for sparsemax),
+// and for a learnable alpha the row's d loss / d alpha (Correia et al. 2019, eq. 12-14).
+//
+// Return value of the forward: 0 on success, 1 if a row holds NaN or +inf (the caller raises).
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int SPARSEMAX = 0;
+
+template <typename T>
+constexpr T inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// ---------------------------------------------------------------- powers and logarithms of a row
+// Float rows: 16 lanes at a time with GCC/clang vector extensions (lowered to AVX-512, AVX2 or SSE),
+// log2 and exp2 by polynomials (a few ulps, like the exp-log power of the torch-op kernels): libm's
+// scalar logf/expf made general-alpha rows 5-10x slower, and the auto-vectoriser kept the loops scalar.
+// Double rows (tests, gradcheck): libm, one entry at a time.
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int64_t LANES = 16;
+
+inline vf splat(float v) { return vf{} + v; }
+
+inline vf select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+inline vf log2_pos(vf x) {  // x positive normal floats
+  const vi bits = (vi)x;
+  vi e = ((bits >> 23) & 255) - 127;
+  vf m = (vf)((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
+  const vi high = m > splat(1.41421356f);
+  m = select(high, m * 0.5f, m);  // [0.71, 1.41]
+  e = e - high;  // high is -1 where true
+  const vf t = (m - 1.0f) / (m + 1.0f), t2 = t * t;  // ln m = 2 atanh t, |t| <= 0.172
+  const vf ln_m = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+  return __builtin_convertvector(e, vf) + ln_m * 1.44269504f;
+}
+
+inline vf exp2_clamped(vf x) {  // 2^x for x in [-126, 127] (clamped)
+  x = select(x < splat(-126.0f), splat(-126.0f), x);
+  x = select(x > splat(127.0f), splat(127.0f), x);
+  const vf fn = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const vf f = (x - fn) * 0.693147181f;  // 2^(x - n) = e^f, |f| <= 0.347
+  const vf poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
+                  f * (1.0f / 720 + f * (1.0f / 5040)))))));
+  return poly * (vf)((__builtin_convertvector(fn, vi) + 127) << 23);
+}
+
+// out[j] = r^y with r = (x[j] - shift) - tau for r > 0 (r clamped to the smallest normal number), else 0
+// (the subtraction in this order everywhere: forward and backward see the same r).
+// Loads / stores of a chunk of up to LANES floats (a short tail through a zero-padded copy).
+inline vf load(const float* x, int64_t len) {
+  vf v;
+  if (len == LANES) {
+    __builtin_memcpy(&v, x, sizeof(vf));
+  } else {
+    float tmp[LANES] = {};
+    for (int64_t j = 0; j < len; ++j) tmp[j] = x[j];
+    __builtin_memcpy(&v, tmp, sizeof(vf));
+  }
+  return v;
+}
+
+inline void store(float* out, vf v, int64_t len) {
+  if (len == LANES) {
+    __builtin_memcpy(out, &v, sizeof(vf));
+  } else {
+    float tmp[LANES];
+    __builtin_memcpy(tmp, &v, sizeof(vf));
+    for (int64_t j = 0; j < len; ++j) out[j] = tmp[j];
+  }
+}
+
+inline void powers(const float* x, int64_t n, float shift, float tau, float y, float* out) {
+  const float tiny = std::numeric_limits<float>::min();
+  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+    const int64_t len = n - j0 < LANES ? n - j0 : LANES;
+    const vf r = (load(x + j0, len) - shift) - tau;  // a padded tail gives some r: not stored
+    const vf val = exp2_clamped(y * log2_pos(select(r > splat(tiny), r, splat(tiny))));
+    store(out + j0, select(r > splat(0.0f), val, splat(0.0f)), len);
+  }
+}
+
+inline void powers(const double* x, int64_t n, double shift, double tau, double y, double* out) {
+  const double tiny = std::numeric_limits<double>::min();
+  for (int64_t j = 0; j < n; ++j) {
+    const double r = (x[j] - shift) - tau;
+    out[j] = r > 0.0 ? std::exp(y * std::log(r > tiny ? r : tiny)) : 0.0;
+  }
+}
+
+// out[j] = log p[j] for p[j] > 0, else 0.
+inline void logs(const float* p, int64_t n, float* out) {
+  const float tiny = std::numeric_limits<float>::min();
+  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+    const int64_t len = n - j0 < LANES ? n - j0 : LANES;
+    const vf v = load(p + j0, len);
+    const vf lg = log2_pos(select(v > splat(tiny), v, splat(tiny))) * 0.693147181f;
+    store(out + j0, select(v > splat(0.0f), lg, splat(0.0f)), len);
+  }
+}
+
+inline void logs(const double* p, int64_t n, double* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = p[j] > 0.0 ? std::log(p[j]) : 0.0;
+}
+
+// A scalar power r^y (r > 0), for per-row quantities (float: the vector polynomials on one lane).
+inline float pow_scalar(float r, float y) { return r > 0.0f ? exp2_clamped(splat(y) * log2_pos(splat(r)))[0] : 0.0f; }
+
+inline double pow_scalar(double r, double y) { return r > 0.0 ? std::exp(y * std::log(r)) : 0.0; }
+
+// Row maximum (0 for an all -inf row); *bad when the row holds NaN or +inf.
+template <typename T>
+inline T row_shift(const T* __restrict x, int64_t n, bool* bad) {
+  T m = -inf<T>();
+  int flag = 0;
+#pragma omp simd reduction(max : m) reduction(| : flag)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = x[j];
+    flag |= (v != v) | (v == inf<T>());
+    m = v > m ? v : m;
+  }
+  *bad = flag != 0;
+  return m == -inf<T>() ? T(0) : m;
+}
+
+template <typename T>
+inline T row_sum_shifted(const T* __restrict x, int64_t n, T shift) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) total += x[j] - shift;
+  return total;  // -inf when the row holds -inf
+}
+
+// Exact sparsemax threshold of y = x - shift.
+template <typename T>
+inline T sparsemax_tau(const T* __restrict x, int64_t n, T shift) {
+  const T total = row_sum_shifted(x, n, shift);
+  T tau = -1;  // max y - 1 <= tau*
+  const T mean_bound = (total - 1) / static_cast<T>(n);
+  if (mean_bound > tau) tau = mean_bound;  // false for -inf
+  for (int64_t it = 0; it < n + 2; ++it) {
+    T cnt = 0, sum = 0, lo = inf<T>();
+#pragma omp simd reduction(+ : cnt, sum) reduction(min : lo)
+    for (int64_t j = 0; j < n; ++j) {
+      const T y = x[j] - shift;
+      const bool in = y > tau;
+      cnt += in ? T(1) : T(0);
+      sum += in ? y : T(0);
+      lo = (in && y < lo) ? y : lo;
+    }
+    if (cnt == T(0)) break;  // an all -inf row
+    const T next = (sum - 1) / cnt;  // >= tau (tau is a lower bound), <= tau*
+    if (next < lo) return next > tau ? next : tau;  // the support reproduces itself: exact
+    if (!(next > tau)) break;  // float rounding: no progress
+    tau = next;
+  }
+  return tau;
+}
+
+// 1.5-entmax threshold of y = x - shift (x already scaled by alpha - 1 = 1/2); *exact = false when the
+// closed form never reproduced its support (then the caller renormalises).
+template <typename T>
+inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, int max_iter, bool* exact) {
+  const T total = row_sum_shifted(x, n, shift);
+  T tau = -1;
+  const T mean_bound = total / static_cast<T>(n) - T(1) / std::sqrt(static_cast<T>(n));
+  if (mean_bound > tau) tau = mean_bound;
+  *exact = false;
+  for (int it = 0; it < max_iter; ++it) {
+    T cnt = 0, s1 = 0, f = 0, lo = inf<T>(), hi_out = -inf<T>();
+#pragma omp simd reduction(+ : cnt, s1, f) reduction(min : lo) reduction(max : hi_out)
+    for (int64_t j = 0; j < n; ++j) {
+      const T y = x[j] - shift;
+      const T r = y - tau;
+      const bool in = r > T(0);
+      cnt += in ? T(1) : T(0);
+      s1 += in ? r : T(0);
+      f += in ? r * r : T(0);
+      lo = (in && y < lo) ? y : lo;
+      hi_out = (!in && y > hi_out) ? y : hi_out;
+    }
+    if (cnt == T(0)) {  // an all -inf row
+      *exact = true;
+      return tau;
+    }
+    const T mean = s1 / cnt;
+    const T disc = (T(1) - f) / cnt + mean * mean;
+    if (disc >= T(0)) {
+      const T cf = tau + mean - std::sqrt(disc);
+      if (cf < lo && hi_out <= cf) {
+        *exact = true;
+        return cf;
+      }
+    }
+    const T big_f = std::sqrt(f);
+    const T next = tau + (big_f - T(1)) * big_f / s1;
+    if (!(next > tau)) return tau;
+    tau = next;
+  }
+  return tau;
+}
+
+// alpha-entmax threshold of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1). Newton from
+// the left: every iterate is a lower bound, so only the candidates y > tau can be in the support and the
+// iteration runs on those (`cand`, `pw`: n entries of scratch each).
+template <typename T>
+inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T e, T tol, int max_iter, T* __restrict cand,
+                    T* __restrict pw) {
+  const T em1 = e - T(1);
+  const T total = row_sum_shifted(x, n, shift);
+  T tau = -1;
+  const T mean_bound = total / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e);
+  if (mean_bound > tau) tau = mean_bound;
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {  // candidates at the first bound
+    const T y = x[j] - shift;
+    cand[k] = y;
+    k += y > tau ? 1 : 0;
+  }
+  bool polish = false;
+  for (int it = 0; it < max_iter; ++it) {
+    powers(cand, k, T(0), tau, em1, pw);  // r^(e-1)
+    T s_em1 = 0, f = 0;
+#pragma omp simd reduction(+ : s_em1, f)
+    for (int64_t j = 0; j < k; ++j) {
+      s_em1 += pw[j];
+      f += pw[j] * ((cand[j] - T(0)) - tau);
+    }
+    if (f <= T(0)) break;  // an all -inf row
+    const T big_f = pow_scalar(f, T(1) / e);
+    if (polish) break;
+    polish = std::fabs(big_f - T(1)) <= tol;  // within tol: one more (quadratic) step, then stop
+    const T next = tau + (big_f - T(1)) * f / (big_f * s_em1);
+    if (!(next > tau)) break;  // Newton from the left only moves right: a step back is float rounding
+    tau = next;
+    int64_t kept = 0;
+    for (int64_t j = 0; j < k; ++j) {  // drop the candidates the new bound excludes
+      const T y = cand[j];
+      cand[kept] = y;
+      kept += y > tau ? 1 : 0;
+    }
+    k = kept;
+  }
+  return tau;
+}
+
+template <typename T>
+int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int kind, const T* alpha_rows,
+            double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
+  std::vector<T> cand(kind == SPARSEMAX ? 0 : n), pw(kind == SPARSEMAX ? 0 : n);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict xi = x + i * n;
+    T* __restrict pi = p + i * n;
+    bool bad = false;
+    const T shift = row_shift(xi, n, &bad);
+    if (bad) return 1;
+    const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
+    T tau, norm = 1;
+    if (kind == SPARSEMAX || alpha == T(2)) {
+      tau = sparsemax_tau(xi, n, shift);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = xi[j] - shift - tau;
+        pi[j] = r > T(0) ? r : T(0);
+      }
+    } else if (alpha == T(1.5) && alpha_rows == nullptr) {
+      bool exact = true;
+      tau = entmax15_tau(xi, n, shift, max_iter, &exact);
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = xi[j] - shift - tau;
+        const T r2 = r > T(0) ? r * r : T(0);
+        sum += r2;
+        pi[j] = r2;
+      }
+      if (!exact && sum > T(0)) {
+        norm = sum;
+        const T inv = T(1) / norm;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
+      }
+    } else {
+      const T e = T(1) / (alpha - T(1)), em1 = e - T(1);
+      tau = entmax_tau(xi, n, shift, e, static_cast<T>(tol), max_iter, cand.data(), pw.data());
+      powers(xi, n, shift, tau, em1, pw.data());
+      T sum = 0;  // the weights at the final threshold, renormalised (as the backward recomputes them)
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = (xi[j] - shift) - tau;
+        const T re = pw[j] * (r > T(0) ? r : T(0));
+        pi[j] = re;
+        sum += re;
+      }
+      norm = sum > 0 ? static_cast<T>(sum) : T(1);
+      const T inv = T(1) / norm;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
+    }
+    tau_out[i] = tau;
+    shift_out[i] = shift;
+    norm_out[i] = norm;
+  }
+  return 0;
+}
+
+// x: the block's scores (scaled by alpha - 1), overwritten with the weights p; g: d loss / d p;
+// ds: d loss / d x (written); dalpha (nullable): d loss / d alpha per row (written).
+template <typename T>
+void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t rows, int64_t n, int kind,
+              const T* alpha_rows, double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in,
+              T* dalpha) {
+  const T tiny = std::numeric_limits<T>::min();
+  std::vector<T> lg(dalpha != nullptr ? n : 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict xi = x + i * n;
+    const T* __restrict gi = g + i * n;
+    T* __restrict di = ds + i * n;
+    const T shift = shift_in[i], tau = tau_in[i], norm = norm_in[i];
+    const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
+    T s_gppr = 0, g_gppr = 0;
+    if (kind == SPARSEMAX || alpha == T(2)) {  // gppr: the support indicator
+      const T inv_norm = T(1) / norm;
+#pragma omp simd reduction(+ : s_gppr, g_gppr)
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = xi[j] - shift - tau;
+        const bool in = r > T(0);
+        xi[j] = in ? r * inv_norm : T(0);
+        di[j] = in ? T(1) : T(0);
+        s_gppr += in ? T(1) : T(0);
+        g_gppr += in ? gi[j] : T(0);
+      }
+    } else if (alpha == T(1.5) && alpha_rows == nullptr) {  // gppr = sqrt(p) = r / sqrt(norm)
+      const T inv_norm = T(1) / norm, scale = T(1) / std::sqrt(norm);
+#pragma omp simd reduction(+ : s_gppr, g_gppr)
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = xi[j] - shift - tau;
+        const T rp = r > T(0) ? r : T(0);
+        xi[j] = rp * rp * inv_norm;
+        const T gp = rp * scale;
+        di[j] = gp;
+        s_gppr += gp;
+        g_gppr += gp * gi[j];
+      }
+    } else {  // gppr = p^(2 - alpha) = r^(e - 1) norm^(alpha - 2)
+      const T em1 = T(1) / (alpha - T(1)) - T(1);
+      const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
+      powers(xi, n, shift, tau, em1, di);  // r^(e - 1) into ds, scaled below
+      double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
+#pragma omp simd reduction(+ : s_sum, g_sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const T r = xi[j] - shift - tau;
+        const T rp = r > T(0) ? r : T(0);
+        const T r_em1 = di[j];
+        xi[j] = rp * r_em1 * inv_norm;
+        const T gp = r_em1 * scale;
+        di[j] = gp;
+        s_sum += gp;
+        g_sum += static_cast<double>(gp) * gi[j];
+      }
+      s_gppr = static_cast<T>(s_sum);
+      g_gppr = static_cast<T>(g_sum);
+    }
+    const T q = g_gppr / (s_gppr > tiny ? s_gppr : tiny);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) di[j] = di[j] * (gi[j] - q);
+    if (dalpha != nullptr) {
+      // Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1),
+      // skew = gppr / sum gppr, H = sum p log p; contracted with g (<g, skew> = q), row by row
+      // (sums in double: (g_p - q) / (a-1)^2 cancels)
+      logs(xi, n, lg.data());
+      double g_p = 0, plogp = 0, g_plogp = 0;
+#pragma omp simd reduction(+ : g_p, plogp, g_plogp)
+      for (int64_t j = 0; j < n; ++j) {
+        const double pj = xi[j];
+        const double t = pj * static_cast<double>(lg[j]);
+        g_p += gi[j] * pj;
+        plogp += t;
+        g_plogp += gi[j] * t;
+      }
+      const double am1 = static_cast<double>(alpha) - 1.0, qd = static_cast<double>(q);
+      dalpha[i] = static_cast<T>((g_p - qd) / (am1 * am1) - (g_plogp - qd * plogp) / am1);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int hop_forward_f32(const float* x, float* p, int64_t rows, int64_t n, int kind, const float* alpha_rows,
+                    double alpha_f, double tol, int max_iter, float* tau, float* shift, float* norm) {
+  return forward<float>(x, p, rows, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
+}
+
+int hop_forward_f64(const double* x, double* p, int64_t rows, int64_t n, int kind, const double* alpha_rows,
+                    double alpha_f, double tol, int max_iter, double* tau, double* shift, double* norm) {
+  return forward<double>(x, p, rows, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
+}
+
+int hop_backward_f32(float* x, const float* g, float* ds, int64_t rows, int64_t n, int kind, const float* alpha_rows,
+                     double alpha_f, const float* tau, const float* shift, const float* norm, float* dalpha) {
+  backward<float>(x, g, ds, rows, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  return 0;
+}
+
+int hop_backward_f64(double* x, const double* g, double* ds, int64_t rows, int64_t n, int kind,
+                     const double* alpha_rows, double alpha_f, const double* tau, const double* shift,
+                     const double* norm, double* dalpha) {
+  backward<double>(x, g, ds, rows, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  return 0;
+}
+
+int hop_abi_version() { return 1; }
+
+}  // extern "C"
