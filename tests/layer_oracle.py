@@ -2,8 +2,9 @@
 
 Shared by ``tests/fixtures/make_layer_oracle.py`` (which ran on the classes before the one-retrieval-core
 refactor and wrote ``tests/fixtures/layer_oracle.json``) and ``tests/test_architecture.py`` (which runs
-today's classes). No random numbers: every value is a formula of its position, so the same module gets the
-same numbers on any torch version, and the oracle stores checksums instead of tensors.
+today's classes). No random numbers: every parameter and input is a formula of its position, so the same
+module gets the same numbers on any torch version (up to the last bit of ``sin``), and the oracle stores
+checksums instead of tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ STANHOP = dict(num_series=2, input_len=12, horizon=6, seg_len=6, d_model=8, num_
 GOLDEN = math.pi * (3.0 - math.sqrt(5.0))  # golden angle: sin(GOLDEN * i) spreads evenly over [-1, 1]
 GAIN = 1.2  # sparse maps: zeros in most configurations, yet more than one entry in most rows
 FEATURE_MAP_GAIN = 2.0  # U-Hop feature maps (keys with "feature_map"): otherwise kernelized scores are flat
-RTOL = 1e-9  # float64 outputs of a few hundred flops per entry agree far below this across versions/orders
+RTOL = 1e-9  # float64; today's classes reproduce the old checksums to 3e-16 (rounding of reordered sums)
 
 
 def wave(index: int, shape) -> torch.Tensor:
@@ -33,7 +34,7 @@ def wave(index: int, shape) -> torch.Tensor:
 
 def formula(index: int, shape, gain: float) -> torch.Tensor:
     """The ``index``-th state entry: ``gain * wave(index, shape) / sqrt(fan_in)``, ``fan_in`` the last dimension
-    of a matrix (1 for vectors), so projections keep unit-scale activations."""
+    of a tensor with two or more (1 for vectors), so projections keep activations near unit scale."""
     shape = tuple(shape)
     fan_in = shape[-1] if len(shape) >= 2 else 1
     return (gain / math.sqrt(fan_in)) * wave(index, shape)
