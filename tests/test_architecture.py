@@ -34,7 +34,7 @@ SEPS = {"softmax": "softmax", "sparsemax": "sparsemax", "entmax15": "entmax15", 
 
 
 def _builders() -> dict:
-    """Fixture name -> builder with today's constructor arguments (no variant classes)."""
+    """Oracle case name -> builder with today's constructor arguments (no variant classes)."""
     b = {}
     for key, sep in SEPS.items():
         b[f"hopfield/plain/{key}"] = lambda sep=sep: Hopfield(DIM, HEADS, separation=sep)
