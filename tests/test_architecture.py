@@ -1,22 +1,27 @@
 """The one-retrieval-core architecture (issue 10): old checkpoints give the same numbers, everything pickles.
 
-``tests/fixtures/layer_fixtures.pt`` holds, for every layer configuration and a small model of every kind,
-the state dict, inputs and outputs written by the classes *before* the refactor (variant classes,
-``hopfield=``/``hopfield_kwargs`` STanHop vocabulary; ``tests/fixtures/make_layer_fixtures.py``). Here each
-state dict is loaded (strictly) into the module built with today's constructor arguments and must give the
-same outputs, associations and energies in float64.
+``tests/fixtures/layer_oracle.json`` was written by the classes *before* the refactor (variant classes,
+``hopfield=``/``hopfield_kwargs`` STanHop vocabulary) with ``tests/fixtures/make_layer_oracle.py``, which runs
+only on a checkout of b743f4d (``git worktree add /tmp/old b743f4d``, then
+``PYTHONPATH=/tmp/old python tests/fixtures/make_layer_oracle.py``). For every layer configuration and a
+small model of every kind it holds the old state dict's keys and shapes, the buffers fixed at construction,
+and checksums of the outputs, associations and energies, with every parameter and input set by the closed
+forms of ``tests/layer_oracle.py``. Here the same state dict, under the old key names, is loaded (strictly)
+into the module built with today's constructor arguments and must give the same checksums in float64.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from layer_oracle import DIM, HEADS, STANHOP, VIH, VIT, checksum, filled_state, inputs_for, mismatches, parse_state, run
 from torch import nn
 
 import hopformer.layers as L
@@ -24,17 +29,12 @@ import hopformer.models  # noqa: F401  (registers the timm models)
 from hopformer.layers import Hopfield, HopfieldAttention, MultiheadHopfield
 from hopformer.models import STanHopNet
 
-FIXTURES = Path(__file__).parent / "fixtures" / "layer_fixtures.pt"
-DIM, HEADS = 8, 2
+ORACLE = Path(__file__).parent / "fixtures" / "layer_oracle.json"
 SEPS = {"softmax": "softmax", "sparsemax": "sparsemax", "entmax15": "entmax15", "alpha1.3": 1.3}
-VIT = dict(embed_dim=16, depth=1, num_heads=2, mlp_ratio=1.0)
-VIH = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, num_heads=2, depth=2, num_classes=3)
-STANHOP = dict(num_series=2, input_len=12, horizon=6, seg_len=6, d_model=8, num_heads=2, d_ff=8, num_router=2,
-               dropout=0.0)
 
 
 def _builders() -> dict:
-    """Fixture name -> builder with today's constructor arguments (no variant classes)."""
+    """Oracle case name -> builder with today's constructor arguments (no variant classes)."""
     b = {}
     for key, sep in SEPS.items():
         b[f"hopfield/plain/{key}"] = lambda sep=sep: Hopfield(DIM, HEADS, separation=sep)
@@ -92,45 +92,53 @@ def _builders() -> dict:
 
 
 BUILDERS = _builders()
+CASES = json.loads(ORACLE.read_text())["cases"]
 
 
+def test_every_oracle_case_has_a_builder():
+    assert sorted(CASES) == sorted(BUILDERS)
+    assert ORACLE.stat().st_size < 150_000
 
 
-@pytest.fixture(scope="module")
-def fixtures():
-    return torch.load(FIXTURES)
+def test_checksums_catch_one_entry_and_a_swap():
+    x = torch.sin(torch.arange(24, dtype=torch.float64)).reshape(2, 3, 4)
+    expected = checksum(x)
+    assert mismatches(checksum(x * (1 + 1e-12)), expected) == []
+    nudged, swapped = x.clone(), x.clone()
+    nudged[1, 2, 0] += 1e-7
+    swapped[0, 1, [0, 3]] = swapped[0, 1, [3, 0]]
+    assert mismatches(checksum(nudged), expected) != []
+    assert [m for m in mismatches(checksum(swapped), expected) if m.startswith("wsum")]
 
 
-def test_every_fixture_has_a_builder(fixtures):
-    assert sorted(fixtures) == sorted(BUILDERS)
-    assert FIXTURES.stat().st_size < 1_000_000
-
-
-def _run(name: str, module: nn.Module, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    if name.startswith("hopfield/"):
-        state, stored, values = inputs
-        out, assoc = module(state, stored, values, return_association=True)
-        return {"out": out, "association": assoc, "energy": module.energy(state, stored)}
-    if name.startswith("attention/"):
-        out, assoc = module(inputs[0], return_association=True)
-        return {"out": out, "association": assoc, "energy": module.energy(inputs[0])}
-    if name.startswith("multihead/"):
-        out, weights = module(*inputs, average_attn_weights=False)
-        return {"out": out, "association": weights}
-    return {"out": module(inputs[0])}
+def _today_names(module: nn.Module, keys_shapes: list[tuple[str, tuple]]) -> dict[str, str]:
+    """Old state key -> today's (``retrieval.alpha.logit`` for ``alpha.logit``, ...): load the ``i``-th old
+    key filled with ``i`` and read where each number went."""
+    module.load_state_dict({key: torch.full(shape, float(i), dtype=torch.float64)
+                            for i, (key, shape) in enumerate(keys_shapes)})
+    return {keys_shapes[int(value.reshape(-1)[0])][0]: key for key, value in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_old_state_dict_gives_the_same_numbers(fixtures, name):
-    case = fixtures[name]
+def test_old_state_dict_gives_the_same_numbers(name):
+    case = CASES[name]
+    keys_shapes = parse_state(case["state"])
+    kept = {key: torch.tensor(values, dtype=torch.float64).reshape(dict(keys_shapes)[key])
+            for key, values in case["kept"].items()}
     torch.manual_seed(0)
     module = BUILDERS[name]().double().eval()
-    module.load_state_dict(case["state"])  # strict: old keys (alpha.logit, beta.log_beta, ...) still load
+    fresh = {key: value.clone() for key, value in module.state_dict().items()}
+    names = _today_names(module, keys_shapes)  # strict: old keys (alpha.logit, beta.log_beta, ...) still load
+    assert sorted(names.values()) == sorted(fresh)
+    for key, value in kept.items():  # buffers fixed at construction: today's are the old ones
+        torch.testing.assert_close(fresh[names[key]], value, atol=0, rtol=0, msg=f"{name}: {key}")
+    module.load_state_dict(filled_state(keys_shapes, kept))
     with torch.no_grad():
-        outputs = _run(name, module, case["inputs"])
+        outputs = run(name, module, inputs_for(name))
     assert sorted(outputs) == sorted(case["outputs"])
-    for key, expected in case["outputs"].items():
-        torch.testing.assert_close(outputs[key], expected, atol=1e-10, rtol=0, msg=f"{name}: {key}")
+    problems = [f"{key}: {problem}" for key, expected in case["outputs"].items()
+                for problem in mismatches(checksum(outputs[key]), expected)]
+    assert not problems, f"{name}: " + "; ".join(problems)
 
 
 def _roundtrip(obj):
@@ -142,14 +150,14 @@ def _roundtrip(obj):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_every_layer_configuration_and_model_pickles(fixtures, name):
+def test_every_layer_configuration_and_model_pickles(name):
     torch.manual_seed(0)
     module = BUILDERS[name]().double().eval()
-    inputs = fixtures[name]["inputs"]
+    inputs = inputs_for(name)
     with torch.no_grad():
-        expected = _run(name, module, inputs)
+        expected = run(name, module, inputs)
         for copy in _roundtrip(module):
-            got = _run(name, copy.eval(), inputs)
+            got = run(name, copy.eval(), inputs)
             for key in expected:
                 torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0)
 
