@@ -157,3 +157,26 @@ def test_without_a_compiler_the_torch_kernels_run_with_one_warning(fresh_build, 
     with pytest.raises(RuntimeError, match="set_kernel_path\\('native'\\).*nonexistent"):
         separated_attention(q, k, v, separation="entmax15")
     assert not list(fresh_build.glob("*.so"))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_maps_on_materialised_scores_match_torch(dtype, restore_path):
+    """`sparsemax` / `entmax15` / `entmax` on score tensors (the maps behind associations) on both paths."""
+    from hopformer.functional import entmax, entmax15, sparsemax
+
+    z = (torch.randn(6, 50, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2).to(dtype)
+    z[0, 0] = float("-inf")
+    alpha = torch.linspace(1.1, 2.0, 50, dtype=dtype).reshape(50, 1).requires_grad_(True)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    results = {}
+    for path in ("torch", "native"):
+        set_kernel_path(path)
+        zz = z.clone().requires_grad_(True)
+        outs = [sparsemax(zz, -1), entmax15(zz, -1), entmax(zz, 1.3, -1), entmax(zz, alpha, -1)]
+        g = torch.linspace(-1, 1, z.numel(), dtype=dtype).reshape(z.shape)
+        grads = torch.autograd.grad(sum((o * g).sum() for o in outs), [zz, alpha])
+        results[path] = [o.detach() for o in outs] + list(grads)
+    for a, b in zip(results["native"], results["torch"]):
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())

@@ -385,6 +385,20 @@ class SparsemaxFunction(Function):
     def forward(ctx, z: torch.Tensor) -> torch.Tensor:
         p = torch.empty_like(z)
         slices = list(_chunks(z.shape[0], z.shape[1], z.device))
+        native = _native_kernels(z.device)
+        if native is not None:
+            z = z.contiguous()
+            stats = z.new_empty(3, z.shape[0])  # threshold, row maximum, normaliser (not needed here)
+
+            def job(part):
+                for i in part:
+                    sl = slices[i]
+                    native.forward(z[sl], p[sl], "sparsemax", None, 2.0, 0.0, 0, stats[0, sl], stats[1, sl],
+                                   stats[2, sl])
+
+            _parallel(job, len(slices), z.device)
+            ctx.save_for_backward(p)
+            return p
 
         def job(part):
             buf, shifted = _scratch(z, z.shape[1], 2)
@@ -667,6 +681,22 @@ class EntmaxFunction(Function):
         e = 1.0 / (a - 1.0)
         p = torch.empty_like(z)
         slices = list(_chunks(z.shape[0], z.shape[1], z.device))
+        native = _native_kernels(z.device)
+        if native is not None:
+            a_rows = a.reshape(-1).contiguous() if is_tensor else None
+            stats = z.new_empty(3, z.shape[0])
+
+            def job(part):
+                for i in part:
+                    sl = slices[i]
+                    x = z[sl] * (_pick(a, sl) - 1.0)
+                    native.forward(x, p[sl], "entmax", a_rows[sl] if is_tensor else None, a if not is_tensor else 0.0,
+                                   tol, max_iter, stats[0, sl], stats[1, sl], stats[2, sl])
+
+            _parallel(job, len(slices), z.device)
+            ctx.alpha = a if not is_tensor else None
+            ctx.save_for_backward(p, alpha if is_tensor else None)
+            return p
 
         def job(part):
             buf, buf2 = _scratch(z, z.shape[1], 2)
