@@ -117,6 +117,48 @@ inline void powers(const double* x, int64_t n, double shift, double tau, double 
 }
 
 // out[j] = log p[j] for p[j] > 0, else 0.
+// Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+, and (when `out` is given) r^e into out:
+// one fused pass (Newton's evaluations and the forward's final weights).
+inline void power_sums(const float* x, int64_t n, float shift, float tau, float em1, float* out, double* s_em1,
+                       double* f) {
+  const float tiny = std::numeric_limits<float>::min();
+  vi lane;
+  for (int j = 0; j < LANES; ++j) lane[j] = j;
+  vf s_acc = splat(0.0f), f_acc = splat(0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+    const int64_t len = n - j0 < LANES ? n - j0 : LANES;
+    const vf r = (load(x + j0, len) - shift) - tau;
+    const vi in = (r > splat(0.0f)) & (lane < static_cast<int32_t>(len));  // padded lanes of a tail: out
+    const vf pw = select(in, exp2_clamped(em1 * log2_pos(select(r > splat(tiny), r, splat(tiny)))), splat(0.0f));
+    const vf re = pw * select(in, r, splat(0.0f));
+    s_acc += pw;
+    f_acc += re;
+    if (out != nullptr) store(out + j0, re, len);
+  }
+  double s = 0, fs = 0;
+  for (int j = 0; j < LANES; ++j) {
+    s += s_acc[j];
+    fs += f_acc[j];
+  }
+  *s_em1 = s;
+  *f = fs;
+}
+
+inline void power_sums(const double* x, int64_t n, double shift, double tau, double em1, double* out, double* s_em1,
+                       double* f) {
+  double s = 0, fs = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double r = (x[j] - shift) - tau;
+    const double pw = r > 0.0 ? std::exp(em1 * std::log(r)) : 0.0;
+    const double re = r > 0.0 ? pw * r : 0.0;
+    s += pw;
+    fs += re;
+    if (out != nullptr) out[j] = re;
+  }
+  *s_em1 = s;
+  *f = fs;
+}
+
 inline void logs(const float* p, int64_t n, float* out) {
   const float tiny = std::numeric_limits<float>::min();
   for (int64_t j0 = 0; j0 < n; j0 += LANES) {
@@ -229,45 +271,40 @@ inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, int max_iter, b
 }
 
 // alpha-entmax threshold of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1). Newton from
-// the left: every iterate is a lower bound, so only the candidates y > tau can be in the support and the
-// iteration runs on those (`cand`, `pw`: n entries of scratch each).
+// the left: every iterate is a lower bound, so only the candidates y > tau can be in the support; on long
+// rows (n > COMPACT) the iteration continues on those (`cand`, n entries of scratch).
+constexpr int64_t COMPACT = 128;
+
 template <typename T>
-inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T e, T tol, int max_iter, T* __restrict cand,
-                    T* __restrict pw) {
+inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T e, T tol, int max_iter, T* __restrict cand) {
   const T em1 = e - T(1);
   const T total = row_sum_shifted(x, n, shift);
   T tau = -1;
   const T mean_bound = total / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e);
   if (mean_bound > tau) tau = mean_bound;
-  int64_t k = 0;
-  for (int64_t j = 0; j < n; ++j) {  // candidates at the first bound
-    const T y = x[j] - shift;
-    cand[k] = y;
-    k += y > tau ? 1 : 0;
-  }
-  bool polish = false;
+  const T* y = x;  // the entries iterated on, minus `base`
+  T base = shift;
+  int64_t k = n;
   for (int it = 0; it < max_iter; ++it) {
-    powers(cand, k, T(0), tau, em1, pw);  // r^(e-1)
-    T s_em1 = 0, f = 0;
-#pragma omp simd reduction(+ : s_em1, f)
-    for (int64_t j = 0; j < k; ++j) {
-      s_em1 += pw[j];
-      f += pw[j] * ((cand[j] - T(0)) - tau);
-    }
-    if (f <= T(0)) break;  // an all -inf row
-    const T big_f = pow_scalar(f, T(1) / e);
-    if (polish) break;
-    polish = std::fabs(big_f - T(1)) <= tol;  // within tol: one more (quadratic) step, then stop
-    const T next = tau + (big_f - T(1)) * f / (big_f * s_em1);
+    double s_em1, f;
+    power_sums(y, k, base, tau, em1, static_cast<T*>(nullptr), &s_em1, &f);
+    if (f <= 0) break;  // an all -inf row
+    const T big_f = pow_scalar(static_cast<T>(f), T(1) / e);
+    const T next = tau + (big_f - T(1)) * static_cast<T>(f) / (big_f * static_cast<T>(s_em1));
     if (!(next > tau)) break;  // Newton from the left only moves right: a step back is float rounding
     tau = next;
-    int64_t kept = 0;
-    for (int64_t j = 0; j < k; ++j) {  // drop the candidates the new bound excludes
-      const T y = cand[j];
-      cand[kept] = y;
-      kept += y > tau ? 1 : 0;
+    if (std::fabs(big_f - T(1)) <= tol) break;  // within tol: that last (quadratic) step without a check
+    if (n > COMPACT) {  // keep the candidates above the new bound
+      int64_t kept = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const T v = y[j] - base;
+        cand[kept] = v;
+        kept += v > tau ? 1 : 0;
+      }
+      y = cand;
+      base = T(0);
+      k = kept;
     }
-    k = kept;
   }
   return tau;
 }
@@ -275,7 +312,7 @@ inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T e, T tol, int m
 template <typename T>
 int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int kind, const T* alpha_rows,
             double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  std::vector<T> cand(kind == SPARSEMAX ? 0 : n), pw(kind == SPARSEMAX ? 0 : n);
+  std::vector<T> cand(kind == SPARSEMAX ? 0 : n);
   for (int64_t i = 0; i < rows; ++i) {
     const T* __restrict xi = x + i * n;
     T* __restrict pi = p + i * n;
@@ -310,16 +347,9 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
       }
     } else {
       const T e = T(1) / (alpha - T(1)), em1 = e - T(1);
-      tau = entmax_tau(xi, n, shift, e, static_cast<T>(tol), max_iter, cand.data(), pw.data());
-      powers(xi, n, shift, tau, em1, pw.data());
-      T sum = 0;  // the weights at the final threshold, renormalised (as the backward recomputes them)
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = (xi[j] - shift) - tau;
-        const T re = pw[j] * (r > T(0) ? r : T(0));
-        pi[j] = re;
-        sum += re;
-      }
+      tau = entmax_tau(xi, n, shift, e, static_cast<T>(tol), max_iter, cand.data());
+      double s_em1, sum;  // the weights at the final threshold, renormalised (as the backward recomputes them)
+      power_sums(xi, n, shift, tau, em1, pi, &s_em1, &sum);
       norm = sum > 0 ? static_cast<T>(sum) : T(1);
       const T inv = T(1) / norm;
 #pragma omp simd
