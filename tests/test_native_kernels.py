@@ -159,24 +159,32 @@ def test_without_a_compiler_the_torch_kernels_run_with_one_warning(fresh_build, 
     assert not list(fresh_build.glob("*.so"))
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_maps_on_materialised_scores_match_torch(dtype, restore_path):
-    """`sparsemax` / `entmax15` / `entmax` on score tensors (the maps behind associations) on both paths."""
+def _maps(path, z, alpha):
     from hopformer.functional import entmax, entmax15, sparsemax
 
-    z = (torch.randn(6, 50, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2).to(dtype)
+    set_kernel_path(path)
+    zz, aa = z.clone().requires_grad_(True), alpha.clone().requires_grad_(True)
+    outs = [sparsemax(zz, -1), entmax15(zz, -1), entmax(zz, 1.3, -1), entmax(zz, aa, -1)]
+    g = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).reshape(z.shape)
+    grads = torch.autograd.grad(sum((o * g).sum() for o in outs), [zz, aa])
+    return [o.detach() for o in outs] + list(grads)
+
+
+@needs_native
+def test_native_maps_on_materialised_scores_match_torch(restore_path):
+    """`sparsemax` / `entmax15` / `entmax` on score tensors (the maps behind associations): float64 equal to
+    the torch-op kernels to 1e-12; float32 no further from float64 than they are (d alpha near alpha = 1
+    amplifies float rounding by 1 / (alpha - 1)^2 on both paths)."""
+    z = torch.randn(6, 50, 33, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
     z[0, 0] = float("-inf")
-    alpha = torch.linspace(1.1, 2.0, 50, dtype=dtype).reshape(50, 1).requires_grad_(True)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    results = {}
-    for path in ("torch", "native"):
-        set_kernel_path(path)
-        zz = z.clone().requires_grad_(True)
-        outs = [sparsemax(zz, -1), entmax15(zz, -1), entmax(zz, 1.3, -1), entmax(zz, alpha, -1)]
-        g = torch.linspace(-1, 1, z.numel(), dtype=dtype).reshape(z.shape)
-        grads = torch.autograd.grad(sum((o * g).sum() for o in outs), [zz, alpha])
-        results[path] = [o.detach() for o in outs] + list(grads)
-    for a, b in zip(results["native"], results["torch"]):
+    alpha = torch.linspace(1.1, 2.0, 50, dtype=torch.float64).reshape(50, 1)
+    truth = _maps("torch", z, alpha)
+    for a, b in zip(_maps("native", z, alpha), truth):
         assert torch.isfinite(a).all()
-        assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
+        assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
+    errors = {}
+    for path in ("torch", "native"):
+        out = _maps(path, z.float(), alpha.float())
+        errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-3)).item() for a, b in zip(out, truth)]
+    for err_native, err_torch in zip(errors["native"], errors["torch"]):
+        assert err_native <= 4 * err_torch + 2e-5
