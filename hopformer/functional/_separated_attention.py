@@ -103,7 +103,7 @@ def _forward_op(
     _, qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
-    native = _native_kernels(q.device)
+    native = _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
 
     def job(part):
         ws = _Workspace(q, n, m, 4)
@@ -171,7 +171,7 @@ def _backward_op(
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
-    native = _native_kernels(q.device)
+    native = _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
 
     items = _units(blocks)
     owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)

@@ -116,12 +116,22 @@ def _reference() -> bool:
 _WARNED_NATIVE = False
 
 
-def _native_kernels(device: torch.device):
+_NATIVE_MIN_GENERAL = 32  # general-alpha rows shorter than this: the torch-op kernels (see below)
+
+
+def _native_kernels(device: torch.device, row_len: int = 1 << 30, general: bool = False):
     """The fused C++ kernels (module `hopformer.functional._native`) when the kernel path and the
-    device allow them and they load, else None (the torch-op kernels)."""
+    device allow them and they load, else None (the torch-op kernels).
+
+    With the default path "auto", rows of a general alpha (not sparsemax, not a float 1.5) shorter than
+    `_NATIVE_MIN_GENERAL` stay on the torch-op kernels: there each C++ row pays its fixed cost (powers
+    and reductions on a vector of 16 lanes for a few entries) and the torch ops, spread over many short
+    rows, were 15-30% faster (rows of 7 and 16; faster from 32 on; docs/performance.md)."""
     global _WARNED_NATIVE
     path = get_kernel_path()
     if device.type != "cpu" or path in ("torch", "reference"):
+        return None
+    if path == "auto" and general and row_len < _NATIVE_MIN_GENERAL:
         return None
     from hopformer.functional import _native
 
@@ -681,7 +691,7 @@ class EntmaxFunction(Function):
         e = 1.0 / (a - 1.0)
         p = torch.empty_like(z)
         slices = list(_chunks(z.shape[0], z.shape[1], z.device))
-        native = _native_kernels(z.device)
+        native = _native_kernels(z.device, z.shape[1], general=is_tensor or a != 1.5)
         if native is not None:
             a_rows = a.reshape(-1).contiguous() if is_tensor else None
             stats = z.new_empty(3, z.shape[0])
