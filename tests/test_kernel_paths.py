@@ -15,26 +15,13 @@ import hopformer.functional._separated_attention as sa
 import hopformer.functional._separation_kernels as sk
 from hopformer.functional import get_kernel_path, set_kernel_path
 from hopformer.functional.separation import entmax, separated_attention
+from kernel_cases import qkv, run_on_path
 
 
 @pytest.fixture
 def restore_path():
     yield
     set_kernel_path(None)
-
-
-def _qkv(b=2, h=4, n=65, m=65, d=8, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=gen, dtype=torch.float64) * 1.5).to(dtype).requires_grad_(True)  # noqa: E731
-    return mk(b, h, n, d), mk(b, h, m, d), mk(b, h, m, d)
-
-
-def _run(path, q, k, v, separation, mask=None):
-    set_kernel_path(path)
-    inputs = [q, k, v] + ([separation] if isinstance(separation, torch.Tensor) else [])
-    out = separated_attention(q, k, v, separation=separation, mask=mask)
-    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    return [out.detach()] + list(torch.autograd.grad((out * g).sum(), inputs))
 
 
 # ----------------------------------------------------------------------------- the two paths agree
@@ -45,11 +32,11 @@ def _run(path, q, k, v, separation, mask=None):
 def test_sparsemax_entmax15_paths_identical(separation, dtype, restore_path):
     """Same arithmetic for every row on both paths (only the block layout and a skipped row maximum
     differ), so the results are bitwise equal."""
-    q, k, v = _qkv(4, 4, 65, 65, dtype=dtype)  # 16 groups of 65 x 65: the mini ViT's row length
+    q, k, v = qkv(4, 4, 65, 65, dtype=dtype)  # 16 groups of 65 x 65: the mini ViT's row length
     mask = torch.rand(65, 65, generator=torch.Generator().manual_seed(1)) > 0.2
     for m in (None, mask):
-        ref = _run("reference", q, k, v, separation, m)
-        new = _run("torch", q, k, v, separation, m)
+        ref = run_on_path("reference", q, k, v, separation, m)
+        new = run_on_path("torch", q, k, v, separation, m)
         for a, b in zip(new, ref):
             assert torch.equal(a, b)
 
@@ -66,9 +53,9 @@ def test_general_alpha_paths_agree(alpha, restore_path):
     d loss / d alpha, with alpha = 2 rows (0^0 = 0) and alpha near 1 and 2; in float32 no further from
     the float64 result than the reference kernels (d alpha at alpha = 1.02 amplifies rounding by
     1 / (alpha - 1)^2: both paths are off by 1e-5..1e-3 there)."""
-    q, k, v = _qkv(2, 4, 40, 65)
-    truth = _run("reference", q, k, v, _alpha(alpha, torch.float64))
-    new = _run("torch", q, k, v, _alpha(alpha, torch.float64))
+    q, k, v = qkv(2, 4, 40, 65)
+    truth = run_on_path("reference", q, k, v, _alpha(alpha, torch.float64))
+    new = run_on_path("torch", q, k, v, _alpha(alpha, torch.float64))
     for a, b in zip(new, truth):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() <= 1e-11 * max(1.0, b.abs().max().item())
@@ -76,7 +63,7 @@ def test_general_alpha_paths_agree(alpha, restore_path):
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     errors = {}
     for path in ("reference", "torch"):
-        out = _run(path, q32, k32, v32, _alpha(alpha, torch.float32))
+        out = run_on_path(path, q32, k32, v32, _alpha(alpha, torch.float32))
         errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
     for err_new, err_ref in zip(errors["torch"], errors["reference"]):
         assert err_new <= 2 * err_ref + 1e-5
@@ -87,7 +74,7 @@ def test_general_alpha_paths_agree(alpha, restore_path):
 def test_general_alpha_matches_entmax_package(alpha, path, restore_path):
     """The torch-op and the default path against the `entmax` package's bisection on materialised scores."""
     set_kernel_path(path)
-    q, k, v = _qkv(2, 2, 33, 65)
+    q, k, v = qkv(2, 2, 33, 65)
     scores = q @ k.transpose(-1, -2) * 8**-0.5
     ref = pkg.entmax_bisect(scores, alpha, dim=-1, n_iter=100) @ v
     out = separated_attention(q, k, v, separation=alpha)
@@ -102,7 +89,7 @@ def test_gradcheck_current_path(separation, path, restore_path):
     """float64 gradcheck of the torch-op and the default kernels at a short row length (alpha = 1.05
     and 1.95 rows exercise the powers near both ends)."""
     set_kernel_path(path)
-    q, k, v = _qkv(1, 3, 5, 9, 3)
+    q, k, v = qkv(1, 3, 5, 9, 3)
     inputs = (q, k, v)
     if separation == "per_head":
         separation = torch.tensor([1.05, 1.5, 1.95], dtype=torch.float64).reshape(3, 1, 1).requires_grad_(True)
@@ -117,7 +104,7 @@ def test_gradcheck_current_path(separation, path, restore_path):
 @pytest.mark.parametrize("path", ["torch", "auto"])
 def test_inference_mode_and_no_grad(path, restore_path):
     set_kernel_path(path)
-    q, k, v = _qkv(2, 4, 65, 65, dtype=torch.float32)
+    q, k, v = qkv(2, 4, 65, 65, dtype=torch.float32)
     alpha = torch.tensor([1.2, 1.5, 1.8, 2.0]).reshape(4, 1, 1)
     ref = separated_attention(q, k, v, separation=alpha).detach()
     with torch.inference_mode():

@@ -14,6 +14,7 @@ import hopformer.functional._separation_kernels as sk
 from hopformer import set_num_workers
 from hopformer.functional import _native, set_kernel_path
 from hopformer.functional.separation import separated_attention
+from kernel_cases import qkv, run_on_path
 
 needs_native = pytest.mark.skipif(_native.load() is None, reason=f"native kernels not built: {_native.error()}")
 
@@ -23,20 +24,6 @@ def restore_path():
     yield
     set_kernel_path(None)
     set_num_workers(None)
-
-
-def _qkv(b, h, n, m, d=8, dtype=torch.float64, seed=0, scale=1.5):
-    gen = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)  # noqa: E731
-    return mk(b, h, n, d), mk(b, h, m, d), mk(b, h, m, d)
-
-
-def _run(path, q, k, v, separation, mask=None):
-    set_kernel_path(path)
-    inputs = [q, k, v] + ([separation] if isinstance(separation, torch.Tensor) else [])
-    out = separated_attention(q, k, v, separation=separation, mask=mask)
-    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-    return [out.detach()] + list(torch.autograd.grad((out * g).sum(), inputs))
 
 
 def _separation(name, dtype):
@@ -52,12 +39,12 @@ SEPARATIONS = ["sparsemax", "entmax15", 1.3, 1.9, "per_head"]
 @pytest.mark.parametrize("separation", SEPARATIONS)
 @pytest.mark.parametrize("n,m", [(65, 65), (7, 1), (3, 1000)])
 def test_native_matches_torch_float64(separation, n, m, restore_path):
-    q, k, v = _qkv(2, 4, n, m)
+    q, k, v = qkv(2, 4, n, m)
     mask = torch.rand(n, m, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[0] = False  # an all -inf row: its output and gradients are 0
     for msk in (None, mask):
-        ref = _run("torch", q, k, v, _separation(separation, torch.float64), msk)
-        new = _run("native", q, k, v, _separation(separation, torch.float64), msk)
+        ref = run_on_path("torch", q, k, v, _separation(separation, torch.float64), msk)
+        new = run_on_path("native", q, k, v, _separation(separation, torch.float64), msk)
         for a, b in zip(new, ref):
             assert torch.isfinite(a).all()
             assert (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max().item())
@@ -68,12 +55,12 @@ def test_native_matches_torch_float64(separation, n, m, restore_path):
 @pytest.mark.parametrize("separation", SEPARATIONS)
 def test_native_float32_as_close_to_float64_as_torch(separation, restore_path):
     """In float32 the native kernels are no further from the float64 result than the torch-op kernels."""
-    q, k, v = _qkv(2, 4, 65, 300, scale=1.0)
-    truth = _run("native", q, k, v, _separation(separation, torch.float64))
+    q, k, v = qkv(2, 4, 65, 300, scale=1.0)
+    truth = run_on_path("native", q, k, v, _separation(separation, torch.float64))
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     errors = {}
     for path in ("torch", "native"):
-        out = _run(path, q32, k32, v32, _separation(separation, torch.float32))
+        out = run_on_path(path, q32, k32, v32, _separation(separation, torch.float32))
         errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
     for err_native, err_torch in zip(errors["native"], errors["torch"]):
         assert err_native <= 4 * err_torch + 2e-5
@@ -83,7 +70,7 @@ def test_native_float32_as_close_to_float64_as_torch(separation, restore_path):
 @pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.4, "per_head"])
 def test_native_gradcheck(separation, restore_path):
     set_kernel_path("native")
-    q, k, v = _qkv(1, 4, 5, 9, 3)
+    q, k, v = qkv(1, 4, 5, 9, 3)
     inputs = (q, k, v)
     if separation == "per_head":
         separation = torch.tensor([1.05, 1.5, 1.95, 1.99], dtype=torch.float64).reshape(4, 1, 1).requires_grad_(True)
@@ -99,7 +86,7 @@ def test_native_gradcheck(separation, restore_path):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_native_rejects_nan_and_inf_scores(bad, restore_path):
     set_kernel_path("native")
-    q, k, v = _qkv(1, 2, 4, 5, dtype=torch.float32)
+    q, k, v = qkv(1, 2, 4, 5, dtype=torch.float32)
     q = q.detach().clone()
     q[0, 1, 2, 0] = bad
     with pytest.raises(ValueError, match="NaN or \\+inf"):
@@ -110,11 +97,11 @@ def test_native_rejects_nan_and_inf_scores(bad, restore_path):
 @pytest.mark.parametrize("separation", ["sparsemax", 1.3, "per_head"])
 def test_native_same_result_for_any_number_of_workers(separation, restore_path):
     torch.set_num_threads(2)
-    q, k, v = _qkv(16, 4, 65, 65, dtype=torch.float32)
+    q, k, v = qkv(16, 4, 65, 65, dtype=torch.float32)
     results = []
     for workers in (1, 2):
         set_num_workers(workers)
-        results.append(_run("native", q, k, v, _separation(separation, torch.float32)))
+        results.append(run_on_path("native", q, k, v, _separation(separation, torch.float32)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -143,7 +130,7 @@ def test_build_goes_to_the_cache_folder(fresh_build):
 
 def test_without_a_compiler_the_torch_kernels_run_with_one_warning(fresh_build, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    q, k, v = _qkv(1, 2, 6, 7)
+    q, k, v = qkv(1, 2, 6, 7)
     set_kernel_path("torch")
     ref = separated_attention(q, k, v, separation="entmax15")
     set_kernel_path("auto")

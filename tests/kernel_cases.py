@@ -1,0 +1,25 @@
+"""Shared inputs and runner of the sparse-kernel path tests (`test_kernel_paths.py`, `test_native_kernels.py`)."""
+
+from __future__ import annotations
+
+import torch
+
+from hopformer.functional import set_kernel_path
+from hopformer.functional.separation import separated_attention
+
+
+def qkv(b=2, h=4, n=65, m=65, d=8, dtype=torch.float64, seed=0, scale=1.5):
+    """Seeded queries, keys and values `(b, h, n or m, d)` with `requires_grad`."""
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)  # noqa: E731
+    return mk(b, h, n, d), mk(b, h, m, d), mk(b, h, m, d)
+
+
+def run_on_path(path, q, k, v, separation, mask=None):
+    """`[output, d/dq, d/dk, d/dv (, d/dalpha)]` of `separated_attention` on kernel path `path`, for a fixed
+    linear loss."""
+    set_kernel_path(path)
+    inputs = [q, k, v] + ([separation] if isinstance(separation, torch.Tensor) else [])
+    out = separated_attention(q, k, v, separation=separation, mask=mask)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return [out.detach()] + list(torch.autograd.grad((out * g).sum(), inputs))
