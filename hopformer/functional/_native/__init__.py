@@ -125,7 +125,7 @@ def load() -> Optional[ctypes.CDLL]:
             if not target.exists():
                 try:
                     _compile(cxx, target)
-                except PermissionError:  # read-only cache: a private temporary folder
+                except OSError:  # cache folder not writable (permissions, read-only file system): a temporary one
                     target = Path(tempfile.mkdtemp(prefix="hopformer-")) / target.name
                     _compile(cxx, target)
             _LIB = _declare(ctypes.CDLL(str(target)))
