@@ -14,8 +14,10 @@
 //   1.5-entmax: tau with sum (y - tau)_+^2 = 1, exact: Newton from the left on ||(y - tau)_+||_2 = 1 and,
 //               at every iterate, the closed-form threshold of the support (Peters et al. 2019, Alg. 2),
 //               accepted when it reproduces that support;
-//   alpha:      Newton from the left on ||(y - tau)_+||_e = 1, e = 1 / (alpha - 1), stopped at
-//               | ||.||_e - 1 | <= tol or when it stalls; the row is renormalised (`norm`).
+//   alpha:      Newton from the left on ||(y - tau)_+||_e = 1, e = 1 / (alpha - 1), on rows longer than
+//               COMPACT only over the entries above the current bound; the step taken at
+//               | ||.||_e - 1 | <= tol is the last (or it stops when it stalls); the row is renormalised
+//               (`norm`).
 //   p = (y - tau)_+^e / norm.
 // Backward, per row, from the saved (shift, tau, norm): eq. 10 of Peters et al. 2019,
 //   ds = gppr * (g - <g, gppr> / sum gppr), gppr = p^(2 - alpha) (the support indicator for sparsemax),
