@@ -180,33 +180,32 @@ inline float pow_scalar(float r, float y) { return r > 0.0f ? exp2_clamped(splat
 
 inline double pow_scalar(double r, double y) { return r > 0.0 ? std::exp(y * std::log(r)) : 0.0; }
 
-// Row maximum (0 for an all -inf row); *bad when the row holds NaN or +inf.
+// One pass over a row: its maximum `shift` (0 for an all -inf row), *bad when it holds NaN or +inf, and
+// *total = sum (x - shift) minus a bound on that sum's rounding error (so the thresholds' mean bounds below
+// stay lower bounds; -inf when the row holds -inf).
 template <typename T>
-inline T row_shift(const T* __restrict x, int64_t n, bool* bad) {
-  T m = -inf<T>();
+inline T row_stats(const T* __restrict x, int64_t n, bool* bad, T* total) {
+  T m = -inf<T>(), sum = 0, abs_sum = 0;
   int flag = 0;
-#pragma omp simd reduction(max : m) reduction(| : flag)
+#pragma omp simd reduction(max : m) reduction(| : flag) reduction(+ : sum, abs_sum)
   for (int64_t j = 0; j < n; ++j) {
     const T v = x[j];
     flag |= (v != v) | (v == inf<T>());
     m = v > m ? v : m;
+    sum += v;
+    abs_sum += std::fabs(v);
   }
   *bad = flag != 0;
-  return m == -inf<T>() ? T(0) : m;
-}
-
-template <typename T>
-inline T row_sum_shifted(const T* __restrict x, int64_t n, T shift) {
-  T total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < n; ++j) total += x[j] - shift;
-  return total;  // -inf when the row holds -inf
+  const T shift = m == -inf<T>() ? T(0) : m;
+  const T nt = static_cast<T>(n);
+  const T slack = 4 * std::numeric_limits<T>::epsilon() * (abs_sum + nt * std::fabs(shift));
+  *total = (sum - nt * shift) - slack;
+  return shift;
 }
 
 // Exact sparsemax threshold of y = x - shift.
 template <typename T>
-inline T sparsemax_tau(const T* __restrict x, int64_t n, T shift) {
-  const T total = row_sum_shifted(x, n, shift);
+inline T sparsemax_tau(const T* __restrict x, int64_t n, T shift, T total) {
   T tau = -1;  // max y - 1 <= tau*
   const T mean_bound = (total - 1) / static_cast<T>(n);
   if (mean_bound > tau) tau = mean_bound;  // false for -inf
@@ -232,8 +231,7 @@ inline T sparsemax_tau(const T* __restrict x, int64_t n, T shift) {
 // 1.5-entmax threshold of y = x - shift (x already scaled by alpha - 1 = 1/2); *exact = false when the
 // closed form never reproduced its support (then the caller renormalises).
 template <typename T>
-inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, int max_iter, bool* exact) {
-  const T total = row_sum_shifted(x, n, shift);
+inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, T total, int max_iter, bool* exact) {
   T tau = -1;
   const T mean_bound = total / static_cast<T>(n) - T(1) / std::sqrt(static_cast<T>(n));
   if (mean_bound > tau) tau = mean_bound;
@@ -278,9 +276,9 @@ inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, int max_iter, b
 constexpr int64_t COMPACT = 128;
 
 template <typename T>
-inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T e, T tol, int max_iter, T* __restrict cand) {
+inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T total, T e, T tol, int max_iter,
+                    T* __restrict cand) {
   const T em1 = e - T(1);
-  const T total = row_sum_shifted(x, n, shift);
   T tau = -1;
   const T mean_bound = total / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e);
   if (mean_bound > tau) tau = mean_bound;
@@ -319,12 +317,13 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
     const T* __restrict xi = x + i * n;
     T* __restrict pi = p + i * n;
     bool bad = false;
-    const T shift = row_shift(xi, n, &bad);
+    T total;
+    const T shift = row_stats(xi, n, &bad, &total);
     if (bad) return 1;
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
     T tau, norm = 1;
     if (kind == SPARSEMAX || alpha == T(2)) {
-      tau = sparsemax_tau(xi, n, shift);
+      tau = sparsemax_tau(xi, n, shift, total);
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const T r = xi[j] - shift - tau;
@@ -332,7 +331,7 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
       }
     } else if (alpha == T(1.5) && alpha_rows == nullptr) {
       bool exact = true;
-      tau = entmax15_tau(xi, n, shift, max_iter, &exact);
+      tau = entmax15_tau(xi, n, shift, total, max_iter, &exact);
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < n; ++j) {
@@ -349,7 +348,7 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
       }
     } else {
       const T e = T(1) / (alpha - T(1)), em1 = e - T(1);
-      tau = entmax_tau(xi, n, shift, e, static_cast<T>(tol), max_iter, cand.data());
+      tau = entmax_tau(xi, n, shift, total, e, static_cast<T>(tol), max_iter, cand.data());
       double s_em1, sum;  // the weights at the final threshold, renormalised (as the backward recomputes them)
       power_sums(xi, n, shift, tau, em1, pi, &s_em1, &sum);
       norm = sum > 0 ? static_cast<T>(sum) : T(1);
