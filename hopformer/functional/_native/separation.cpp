@@ -354,6 +354,55 @@ inline void entmax_tau_group(const T* const* rows, int count, int64_t n, const T
   }
 }
 
+// Sparsemax thresholds of GROUP short rows in lockstep (as entmax_tau_group; the same iteration as
+// sparsemax_tau).
+template <typename T>
+inline void sparsemax_tau_group(const T* const* rows, int count, int64_t n, const T* shift, const T* total, T* tau) {
+  bool live[GROUP];
+  for (int r = 0; r < count; ++r) {
+    tau[r] = -1;
+    const T mean_bound = (total[r] - 1) / static_cast<T>(n);
+    if (mean_bound > tau[r]) tau[r] = mean_bound;
+    live[r] = true;
+  }
+  for (int64_t it = 0; it < n + 2; ++it) {
+    T cnt[GROUP], sum[GROUP], lo[GROUP];
+    for (int r = 0; r < count; ++r) {
+      if (!live[r]) continue;
+      const T* __restrict x = rows[r];
+      const T sh = shift[r], t = tau[r];
+      T c = 0, sm = 0, l = inf<T>();
+#pragma omp simd reduction(+ : c, sm) reduction(min : l)
+      for (int64_t j = 0; j < n; ++j) {
+        const T y = x[j] - sh;
+        const bool in = y > t;
+        c += in ? T(1) : T(0);
+        sm += in ? y : T(0);
+        l = (in && y < l) ? y : l;
+      }
+      cnt[r] = c;
+      sum[r] = sm;
+      lo[r] = l;
+    }
+    bool any = false;
+    for (int r = 0; r < count; ++r) {
+      if (!live[r]) continue;
+      live[r] = false;
+      if (cnt[r] == T(0)) continue;
+      const T next = (sum[r] - 1) / cnt[r];
+      if (next < lo[r]) {
+        if (next > tau[r]) tau[r] = next;
+        continue;
+      }
+      if (!(next > tau[r])) continue;
+      tau[r] = next;
+      live[r] = true;
+      any = true;
+    }
+    if (!any) break;
+  }
+}
+
 // The weights and the final threshold's normaliser of a general-alpha row (as the backward recomputes them).
 template <typename T>
 inline T entmax_weights(const T* __restrict xi, T* __restrict pi, int64_t n, T shift, T tau, T em1) {
@@ -392,6 +441,32 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
     }
     count = 0;
   };
+  int64_t s_waiting[GROUP];
+  T s_total[GROUP];
+  int s_count = 0;
+  auto s_flush = [&]() {
+    const T* s_rows[GROUP];
+    T s_shift[GROUP], s_tau[GROUP];
+    for (int r = 0; r < s_count; ++r) {
+      s_rows[r] = x + s_waiting[r] * n;
+      s_shift[r] = shift_out[s_waiting[r]];
+    }
+    sparsemax_tau_group(s_rows, s_count, n, s_shift, s_total, s_tau);
+    for (int r = 0; r < s_count; ++r) {
+      const int64_t i = s_waiting[r];
+      const T* __restrict xi = x + i * n;
+      T* __restrict pi = p + i * n;
+      const T sh = s_shift[r], t = s_tau[r];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = xi[j] - sh - t;
+        pi[j] = v > T(0) ? v : T(0);
+      }
+      tau_out[i] = t;
+      norm_out[i] = T(1);
+    }
+    s_count = 0;
+  };
   for (int64_t i = 0; i < rows; ++i) {
     const T* __restrict xi = x + i * n;
     T* __restrict pi = p + i * n;
@@ -402,6 +477,12 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
     shift_out[i] = shift;
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
     T tau, norm = 1;
+    if ((kind == SPARSEMAX || alpha == T(2)) && n <= COMPACT) {
+      s_waiting[s_count] = i;
+      s_total[s_count] = total;
+      if (++s_count == GROUP) s_flush();
+      continue;
+    }
     if (kind == SPARSEMAX || alpha == T(2)) {
       tau = sparsemax_tau(xi, n, shift, total);
 #pragma omp simd
@@ -440,6 +521,7 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
     norm_out[i] = norm;
   }
   if (count > 0) flush();
+  if (s_count > 0) s_flush();
   return 0;
 }
 
