@@ -9,6 +9,9 @@ O(rows * keys) and every intermediate stays in cache on CPU. The scales beta and
 folded into the (small) queries, the thresholds are solved for `x - max x` (float precision for
 large scores), and d/dbeta is read off `dq` (`sum <d/d(qk^T) k, q>`), so a block costs two
 matmuls and the threshold iteration forward, five matmuls and a few elementwise passes backward.
+On CPU the row work of a block (row maxima, thresholds, normalisers, weights; backward: weights, `ds`,
+d/dalpha) is one call of the fused C++ kernels (`hopformer.functional._native`) when they are built,
+else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses).
 """
 
 from __future__ import annotations

@@ -85,8 +85,9 @@ def set_kernel_path(path: Optional[str]) -> None:
     """Choose the CPU kernels of the sparse attention core (for A/B measurements and tests).
 
     `"auto"` (default): the fused C++ row kernels (`hopformer/functional/_native`, built with the
-    system's C++ compiler at first use and cached), else, when they cannot be built, the torch-op
-    kernels (with one warning saying why); `"native"`: the C++ kernels or an error; `"torch"`: the
+    system's C++ compiler at first use and cached; general-alpha rows shorter than 32 entries keep the
+    torch-op kernels, faster there), else, when they cannot be built, the torch-op kernels (with one
+    warning saying why); `"native"`: the C++ kernels or an error; `"torch"`: the
     torch-op kernels; `"reference"`: the torch-op kernels as they were before the small-sequence work
     of issue 14 (`torch.pow` / `torch.xlogy` on whole blocks, blocks cut at the block size with a
     possibly tiny last block, a second row maximum per block). All give the same results to float
