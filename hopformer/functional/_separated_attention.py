@@ -74,6 +74,12 @@ def _rows_of(t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.
     return t[gs] if t.shape[1] == 1 else t[gs, rs]
 
 
+def _row_kernels(q: Tensor, m: int, kind: str, a_t: Optional[Tensor], alpha_f: float):
+    """The fused C++ row kernels for a call on rows of `m` scores, or None for the torch-op kernels
+    (`_native_kernels`: a general alpha is any alpha but sparsemax and a float 1.5)."""
+    return _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
+
+
 @torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())
 def _forward_op(
     q: Tensor,
@@ -106,7 +112,7 @@ def _forward_op(
     _, qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
-    native = _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
+    native = _row_kernels(q, m, kind, a_t, alpha_f)
 
     def job(part):
         ws = _Workspace(q, n, m, 4)
@@ -174,7 +180,7 @@ def _backward_op(
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
-    native = _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
+    native = _row_kernels(q, m, kind, a_t, alpha_f)
 
     items = _units(blocks)
     owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)

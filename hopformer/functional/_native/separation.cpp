@@ -7,18 +7,8 @@
 // Arithmetic is in the rows' own precision T (float32 or float64), like the torch-op kernels; every loop
 // over a row is a plain vectorisable reduction (one horizontal sum per loop and row).
 //
-// Forward, per row (Martins & Astudillo 2016; Peters et al. 2019, "Sparse sequence-to-sequence models"):
-//   shift = max x (0 for an all -inf row), y = x - shift (large scores keep their precision),
-//   sparsemax:  tau with sum (y - tau)_+ = 1, exact: Michelot's support iteration from a lower bound,
-//               stopped when the support's own threshold keeps every support entry above it;
-//   1.5-entmax: tau with sum (y - tau)_+^2 = 1, exact: Newton from the left on ||(y - tau)_+||_2 = 1 and,
-//               at every iterate, the closed-form threshold of the support (Peters et al. 2019, Alg. 2),
-//               accepted when it reproduces that support;
-//   alpha:      Newton from the left on ||(y - tau)_+||_e = 1, e = 1 / (alpha - 1), on rows longer than
-//               COMPACT only over the entries above the current bound; the step taken at
-//               | ||.||_e - 1 | <= tol is the last (or it stops when it stalls); the row is renormalised
-//               (`norm`).
-//   p = (y - tau)_+^e / norm.
+// Forward, per row: shift = max x (0 for an all -inf row), the threshold tau of y = x - shift (large scores
+// keep their precision; the searches are below, with their papers), p = (y - tau)_+^(1/(alpha-1)) / norm.
 // Backward, per row, from the saved (shift, tau, norm): eq. 10 of Peters et al. 2019,
 //   ds = gppr * (g - <g, gppr> / sum gppr), gppr = p^(2 - alpha) (the support indicator for sparsemax),
 // and for a learnable alpha the row's d loss / d alpha (Correia et al. 2019, eq. 12-14).
@@ -75,8 +65,21 @@ inline vf exp2_clamped(vf x) {  // 2^x for x in [-126, 127] (clamped)
   return poly * (vf)((__builtin_convertvector(fn, vi) + 127) << 23);
 }
 
-// out[j] = r^y with r = (x[j] - shift) - tau for r > 0 (r clamped to the smallest normal number), else 0
-// (the subtraction in this order everywhere: forward and backward see the same r).
+// r^y for r > 0 (r clamped to the smallest normal number), 0 for r <= 0: the one power of every kernel.
+inline vf pow_pos(vf r, float y) {
+  const vf tiny = splat(std::numeric_limits<float>::min());
+  return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
+}
+
+inline double pow_pos(double r, double y) {
+  const double tiny = std::numeric_limits<double>::min();
+  return r > 0.0 ? std::exp(y * std::log(r > tiny ? r : tiny)) : 0.0;
+}
+
+inline float pow_scalar(float r, float y) { return pow_pos(splat(r), y)[0]; }  // per-row quantities
+
+inline double pow_scalar(double r, double y) { return pow_pos(r, y); }
+
 // Loads / stores of a chunk of up to LANES floats (a short tail through a zero-padded copy).
 inline vf load(const float* x, int64_t len) {
   vf v;
@@ -100,30 +103,10 @@ inline void store(float* out, vf v, int64_t len) {
   }
 }
 
-inline void powers(const float* x, int64_t n, float shift, float tau, float y, float* out) {
-  const float tiny = std::numeric_limits<float>::min();
-  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
-    const int64_t len = n - j0 < LANES ? n - j0 : LANES;
-    const vf r = (load(x + j0, len) - shift) - tau;  // a padded tail gives some r: not stored
-    const vf val = exp2_clamped(y * log2_pos(select(r > splat(tiny), r, splat(tiny))));
-    store(out + j0, select(r > splat(0.0f), val, splat(0.0f)), len);
-  }
-}
-
-inline void powers(const double* x, int64_t n, double shift, double tau, double y, double* out) {
-  const double tiny = std::numeric_limits<double>::min();
-  for (int64_t j = 0; j < n; ++j) {
-    const double r = (x[j] - shift) - tau;
-    out[j] = r > 0.0 ? std::exp(y * std::log(r > tiny ? r : tiny)) : 0.0;
-  }
-}
-
-// out[j] = log p[j] for p[j] > 0, else 0.
-// Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+, and (when `out` is given) r^e into out:
-// one fused pass (Newton's evaluations and the forward's final weights).
-inline void power_sums(const float* x, int64_t n, float shift, float tau, float em1, float* out, double* s_em1,
-                       double* f) {
-  const float tiny = std::numeric_limits<float>::min();
+// Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+ (the subtraction in this order everywhere:
+// forward and backward see the same r), and, when `out` is given, r^e into out (`r_em1` instead: r^(e-1)).
+inline void power_sums(const float* x, int64_t n, float shift, float tau, float em1, float* out, bool r_em1,
+                       double* s_em1, double* f) {
   vi lane;
   for (int j = 0; j < LANES; ++j) lane[j] = j;
   vf s_acc = splat(0.0f), f_acc = splat(0.0f);
@@ -131,11 +114,11 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
     const int64_t len = n - j0 < LANES ? n - j0 : LANES;
     const vf r = (load(x + j0, len) - shift) - tau;
     const vi in = (r > splat(0.0f)) & (lane < static_cast<int32_t>(len));  // padded lanes of a tail: out
-    const vf pw = select(in, exp2_clamped(em1 * log2_pos(select(r > splat(tiny), r, splat(tiny)))), splat(0.0f));
+    const vf pw = select(in, pow_pos(r, em1), splat(0.0f));
     const vf re = pw * select(in, r, splat(0.0f));
     s_acc += pw;
     f_acc += re;
-    if (out != nullptr) store(out + j0, re, len);
+    if (out != nullptr) store(out + j0, r_em1 ? pw : re, len);
   }
   double s = 0, fs = 0;
   for (int j = 0; j < LANES; ++j) {
@@ -146,21 +129,22 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
   *f = fs;
 }
 
-inline void power_sums(const double* x, int64_t n, double shift, double tau, double em1, double* out, double* s_em1,
-                       double* f) {
+inline void power_sums(const double* x, int64_t n, double shift, double tau, double em1, double* out, bool r_em1,
+                       double* s_em1, double* f) {
   double s = 0, fs = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double r = (x[j] - shift) - tau;
-    const double pw = r > 0.0 ? std::exp(em1 * std::log(r)) : 0.0;
+    const double pw = pow_pos(r, em1);
     const double re = r > 0.0 ? pw * r : 0.0;
     s += pw;
     fs += re;
-    if (out != nullptr) out[j] = re;
+    if (out != nullptr) out[j] = r_em1 ? pw : re;
   }
   *s_em1 = s;
   *f = fs;
 }
 
+// out[j] = log p[j] for p[j] > 0, else 0.
 inline void logs(const float* p, int64_t n, float* out) {
   const float tiny = std::numeric_limits<float>::min();
   for (int64_t j0 = 0; j0 < n; j0 += LANES) {
@@ -175,10 +159,17 @@ inline void logs(const double* p, int64_t n, double* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = p[j] > 0.0 ? std::log(p[j]) : 0.0;
 }
 
-// A scalar power r^y (r > 0), for per-row quantities (float: the vector polynomials on one lane).
-inline float pow_scalar(float r, float y) { return r > 0.0f ? exp2_clamped(splat(y) * log2_pos(splat(r)))[0] : 0.0f; }
+// ---------------------------------------------------------------- thresholds
+// Which map a row takes: sparsemax (also alpha = 2 rows of a per-row alpha), the exact 1.5-entmax (a float
+// alpha of 1.5), or the general alpha-entmax.
+enum class Map { sparsemax, entmax15, general };
 
-inline double pow_scalar(double r, double y) { return r > 0.0 ? std::exp(y * std::log(r)) : 0.0; }
+template <typename T>
+inline Map row_map(int kind, T alpha, bool per_row_alpha) {
+  if (kind == SPARSEMAX || alpha == T(2)) return Map::sparsemax;
+  if (alpha == T(1.5) && !per_row_alpha) return Map::entmax15;
+  return Map::general;
+}
 
 // One pass over a row: its maximum `shift` (0 for an all -inf row), *bad when it holds NaN or +inf, and
 // *total = sum (x - shift) minus a bound on that sum's rounding error (so the thresholds' mean bounds below
@@ -203,178 +194,35 @@ inline T row_stats(const T* __restrict x, int64_t n, bool* bad, T* total) {
   return shift;
 }
 
-// Exact sparsemax threshold of y = x - shift.
-template <typename T>
-inline T sparsemax_tau(const T* __restrict x, int64_t n, T shift, T total) {
-  T tau = -1;  // max y - 1 <= tau*
-  const T mean_bound = (total - 1) / static_cast<T>(n);
-  if (mean_bound > tau) tau = mean_bound;  // false for -inf
-  for (int64_t it = 0; it < n + 2; ++it) {
-    T cnt = 0, sum = 0, lo = inf<T>();
-#pragma omp simd reduction(+ : cnt, sum) reduction(min : lo)
-    for (int64_t j = 0; j < n; ++j) {
-      const T y = x[j] - shift;
-      const bool in = y > tau;
-      cnt += in ? T(1) : T(0);
-      sum += in ? y : T(0);
-      lo = (in && y < lo) ? y : lo;
-    }
-    if (cnt == T(0)) break;  // an all -inf row
-    const T next = (sum - 1) / cnt;  // >= tau (tau is a lower bound), <= tau*
-    if (next < lo) return next > tau ? next : tau;  // the support reproduces itself: exact
-    if (!(next > tau)) break;  // float rounding: no progress
-    tau = next;
-  }
-  return tau;
-}
-
-// 1.5-entmax threshold of y = x - shift (x already scaled by alpha - 1 = 1/2); *exact = false when the
-// closed form never reproduced its support (then the caller renormalises).
-template <typename T>
-inline T entmax15_tau(const T* __restrict x, int64_t n, T shift, T total, int max_iter, bool* exact) {
-  T tau = -1;
-  const T mean_bound = total / static_cast<T>(n) - T(1) / std::sqrt(static_cast<T>(n));
-  if (mean_bound > tau) tau = mean_bound;
-  *exact = false;
-  for (int it = 0; it < max_iter; ++it) {
-    T cnt = 0, s1 = 0, f = 0, lo = inf<T>(), hi_out = -inf<T>();
-#pragma omp simd reduction(+ : cnt, s1, f) reduction(min : lo) reduction(max : hi_out)
-    for (int64_t j = 0; j < n; ++j) {
-      const T y = x[j] - shift;
-      const T r = y - tau;
-      const bool in = r > T(0);
-      cnt += in ? T(1) : T(0);
-      s1 += in ? r : T(0);
-      f += in ? r * r : T(0);
-      lo = (in && y < lo) ? y : lo;
-      hi_out = (!in && y > hi_out) ? y : hi_out;
-    }
-    if (cnt == T(0)) {  // an all -inf row
-      *exact = true;
-      return tau;
-    }
-    const T mean = s1 / cnt;
-    const T disc = (T(1) - f) / cnt + mean * mean;
-    if (disc >= T(0)) {
-      const T cf = tau + mean - std::sqrt(disc);
-      if (cf < lo && hi_out <= cf) {
-        *exact = true;
-        return cf;
-      }
-    }
-    const T big_f = std::sqrt(f);
-    const T next = tau + (big_f - T(1)) * big_f / s1;
-    if (!(next > tau)) return tau;
-    tau = next;
-  }
-  return tau;
-}
-
-// alpha-entmax threshold of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1). Newton from
-// the left: every iterate is a lower bound, so only the candidates y > tau can be in the support; on long
-// rows (n > COMPACT) the iteration continues on those (`cand`, n entries of scratch).
-constexpr int64_t COMPACT = 128;
-
-template <typename T>
-inline T entmax_tau(const T* __restrict x, int64_t n, T shift, T total, T e, T tol, int max_iter,
-                    T* __restrict cand) {
-  const T em1 = e - T(1);
-  T tau = -1;
-  const T mean_bound = total / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e);
-  if (mean_bound > tau) tau = mean_bound;
-  const T* y = x;  // the entries iterated on, minus `base`
-  T base = shift;
-  int64_t k = n;
-  for (int it = 0; it < max_iter; ++it) {
-    double s_em1, f;
-    power_sums(y, k, base, tau, em1, static_cast<T*>(nullptr), &s_em1, &f);
-    if (f <= 0) break;  // an all -inf row
-    const T big_f = pow_scalar(static_cast<T>(f), T(1) / e);
-    const T next = tau + (big_f - T(1)) * static_cast<T>(f) / (big_f * static_cast<T>(s_em1));
-    if (!(next > tau)) break;  // Newton from the left only moves right: a step back is float rounding
-    tau = next;
-    if (std::fabs(big_f - T(1)) <= tol) break;  // within tol: that last (quadratic) step without a check
-    if (n > COMPACT) {  // keep the candidates above the new bound
-      int64_t kept = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        const T v = y[j] - base;
-        cand[kept] = v;
-        kept += v > tau ? 1 : 0;
-      }
-      y = cand;
-      base = T(0);
-      k = kept;
-    }
-  }
-  return tau;
-}
-
-// The alpha search of GROUP short rows (n <= COMPACT) in lockstep: the rows are independent, so while
-// one row's powers wait on the polynomial chains of its last pass, the out-of-order core works on the
-// others (one row at a time, each pass waits for the previous pass's sums and was latency-bound: 2-3x
-// slower on rows of 65).
+// The threshold searches run on a group of up to GROUP rows in lockstep: the rows are independent, so while
+// one row's pass waits on its sums (each pass of a row needs the previous pass's threshold), the
+// out-of-order core works on the others. One row at a time, the passes of short rows were latency-bound:
+// grouped, the forward took 0.70-0.84x the time for sparsemax and 0.88-0.92x for a general alpha on rows
+// of 65 (1.5-entmax: 1.0x, its closed form ends most rows after one or two passes).
 constexpr int GROUP = 4;
 
+// Exact sparsemax thresholds of y = x - shift (Martins & Astudillo 2016): Michelot's support iteration from
+// the lower bound max(max y - 1, (sum y - 1) / n), stopped when the support's own threshold keeps every
+// support entry above it.
 template <typename T>
-inline void entmax_tau_group(const T* const* rows, int count, int64_t n, const T* shift, const T* total,
-                             const T* e, T tol, int max_iter, T* tau) {
-  T em1[GROUP];
+inline void sparsemax_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, T* tau) {
   bool live[GROUP];
   for (int r = 0; r < count; ++r) {
-    em1[r] = e[r] - T(1);
-    tau[r] = -1;
-    const T mean_bound = total[r] / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e[r]);
-    if (mean_bound > tau[r]) tau[r] = mean_bound;
-    live[r] = true;
-  }
-  for (int it = 0; it < max_iter; ++it) {
-    double s_em1[GROUP], f[GROUP];
-    for (int r = 0; r < count; ++r) {
-      if (live[r]) power_sums(rows[r], n, shift[r], tau[r], em1[r], static_cast<T*>(nullptr), &s_em1[r], &f[r]);
-    }
-    bool any = false;
-    for (int r = 0; r < count; ++r) {  // the same Newton step and stopping rules as entmax_tau
-      if (!live[r]) continue;
-      if (f[r] <= 0) {
-        live[r] = false;
-        continue;
-      }
-      const T fr = static_cast<T>(f[r]);
-      const T big_f = pow_scalar(fr, T(1) / e[r]);
-      const T next = tau[r] + (big_f - T(1)) * fr / (big_f * static_cast<T>(s_em1[r]));
-      if (!(next > tau[r])) {
-        live[r] = false;
-        continue;
-      }
-      tau[r] = next;
-      live[r] = !(std::fabs(big_f - T(1)) <= tol);
-      any = any || live[r];
-    }
-    if (!any) break;
-  }
-}
-
-// Sparsemax thresholds of GROUP short rows in lockstep (as entmax_tau_group; the same iteration as
-// sparsemax_tau).
-template <typename T>
-inline void sparsemax_tau_group(const T* const* rows, int count, int64_t n, const T* shift, const T* total, T* tau) {
-  bool live[GROUP];
-  for (int r = 0; r < count; ++r) {
-    tau[r] = -1;
+    tau[r] = -1;  // max y - 1 <= tau*
     const T mean_bound = (total[r] - 1) / static_cast<T>(n);
-    if (mean_bound > tau[r]) tau[r] = mean_bound;
+    if (mean_bound > tau[r]) tau[r] = mean_bound;  // false for -inf
     live[r] = true;
   }
   for (int64_t it = 0; it < n + 2; ++it) {
     T cnt[GROUP], sum[GROUP], lo[GROUP];
     for (int r = 0; r < count; ++r) {
       if (!live[r]) continue;
-      const T* __restrict x = rows[r];
+      const T* __restrict xr = x[r];
       const T sh = shift[r], t = tau[r];
       T c = 0, sm = 0, l = inf<T>();
 #pragma omp simd reduction(+ : c, sm) reduction(min : l)
       for (int64_t j = 0; j < n; ++j) {
-        const T y = x[j] - sh;
+        const T y = xr[j] - sh;
         const bool in = y > t;
         c += in ? T(1) : T(0);
         sm += in ? y : T(0);
@@ -388,27 +236,173 @@ inline void sparsemax_tau_group(const T* const* rows, int count, int64_t n, cons
     for (int r = 0; r < count; ++r) {
       if (!live[r]) continue;
       live[r] = false;
-      if (cnt[r] == T(0)) continue;
-      const T next = (sum[r] - 1) / cnt[r];
-      if (next < lo[r]) {
+      if (cnt[r] == T(0)) continue;  // an all -inf row
+      const T next = (sum[r] - 1) / cnt[r];  // >= tau (tau is a lower bound), <= tau*
+      if (next < lo[r]) {  // the support reproduces itself: exact
         if (next > tau[r]) tau[r] = next;
         continue;
       }
-      if (!(next > tau[r])) continue;
+      if (!(next > tau[r])) continue;  // float rounding: no progress
       tau[r] = next;
-      live[r] = true;
-      any = true;
+      live[r] = any = true;
     }
     if (!any) break;
   }
 }
 
-// The weights and the final threshold's normaliser of a general-alpha row (as the backward recomputes them).
+// 1.5-entmax thresholds of y = x - shift (x scaled by alpha - 1 = 1/2): Newton from the left on
+// ||(y - tau)_+||_2 = 1 and, at every iterate, the closed-form threshold of the support (Peters et al.
+// 2019, Alg. 2), accepted when it reproduces that support (exact[r]; else the caller renormalises).
 template <typename T>
-inline T entmax_weights(const T* __restrict xi, T* __restrict pi, int64_t n, T shift, T tau, T em1) {
-  double s_em1, sum;
-  power_sums(xi, n, shift, tau, em1, pi, &s_em1, &sum);
-  const T norm = sum > 0 ? static_cast<T>(sum) : T(1);
+inline void entmax15_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, int max_iter,
+                         T* tau, bool* exact) {
+  bool live[GROUP];
+  for (int r = 0; r < count; ++r) {
+    tau[r] = -1;
+    const T mean_bound = total[r] / static_cast<T>(n) - T(1) / std::sqrt(static_cast<T>(n));
+    if (mean_bound > tau[r]) tau[r] = mean_bound;
+    live[r] = true;
+    exact[r] = false;
+  }
+  for (int it = 0; it < max_iter; ++it) {
+    T cnt[GROUP], s1[GROUP], f[GROUP], lo[GROUP], hi[GROUP];
+    for (int r = 0; r < count; ++r) {
+      if (!live[r]) continue;
+      const T* __restrict xr = x[r];
+      const T sh = shift[r], t = tau[r];
+      T c = 0, a = 0, b = 0, l = inf<T>(), h = -inf<T>();
+#pragma omp simd reduction(+ : c, a, b) reduction(min : l) reduction(max : h)
+      for (int64_t j = 0; j < n; ++j) {
+        const T y = xr[j] - sh;
+        const T rr = y - t;
+        const bool in = rr > T(0);
+        c += in ? T(1) : T(0);
+        a += in ? rr : T(0);
+        b += in ? rr * rr : T(0);
+        l = (in && y < l) ? y : l;
+        h = (!in && y > h) ? y : h;
+      }
+      cnt[r] = c;
+      s1[r] = a;
+      f[r] = b;
+      lo[r] = l;
+      hi[r] = h;
+    }
+    bool any = false;
+    for (int r = 0; r < count; ++r) {
+      if (!live[r]) continue;
+      live[r] = false;
+      if (cnt[r] == T(0)) {  // an all -inf row
+        exact[r] = true;
+        continue;
+      }
+      const T mean = s1[r] / cnt[r];
+      const T disc = (T(1) - f[r]) / cnt[r] + mean * mean;
+      if (disc >= T(0)) {
+        const T cf = tau[r] + mean - std::sqrt(disc);
+        if (cf < lo[r] && hi[r] <= cf) {
+          exact[r] = true;
+          tau[r] = cf;
+          continue;
+        }
+      }
+      const T big_f = std::sqrt(f[r]);
+      const T next = tau[r] + (big_f - T(1)) * big_f / s1[r];
+      if (!(next > tau[r])) continue;
+      tau[r] = next;
+      live[r] = any = true;
+    }
+    if (!any) break;
+  }
+}
+
+// alpha-entmax thresholds of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1): Newton from the left
+// on ||(y - tau)_+||_e = 1; the step taken at | ||.||_e - 1 | <= tol is the last (or it stops when it
+// stalls). Every iterate is a lower bound, so only the entries above it can be in the support: on rows
+// longer than COMPACT the search continues on those, copied to `cand` (n entries of scratch per row).
+constexpr int64_t COMPACT = 128;
+
+template <typename T>
+inline void entmax_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, const T* e, T tol,
+                       int max_iter, T* cand, T* tau) {
+  const T* y[GROUP];  // the entries searched, minus base
+  T base[GROUP], em1[GROUP];
+  int64_t k[GROUP];
+  bool live[GROUP];
+  for (int r = 0; r < count; ++r) {
+    y[r] = x[r];
+    base[r] = shift[r];
+    k[r] = n;
+    em1[r] = e[r] - T(1);
+    tau[r] = -1;
+    const T mean_bound = total[r] / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e[r]);
+    if (mean_bound > tau[r]) tau[r] = mean_bound;
+    live[r] = true;
+  }
+  for (int it = 0; it < max_iter; ++it) {
+    double s_em1[GROUP], f[GROUP];
+    for (int r = 0; r < count; ++r) {
+      if (live[r]) power_sums(y[r], k[r], base[r], tau[r], em1[r], static_cast<T*>(nullptr), false, &s_em1[r], &f[r]);
+    }
+    bool any = false;
+    for (int r = 0; r < count; ++r) {
+      if (!live[r]) continue;
+      live[r] = false;
+      if (f[r] <= 0) continue;  // an all -inf row
+      const T fr = static_cast<T>(f[r]);
+      const T big_f = pow_scalar(fr, T(1) / e[r]);
+      const T next = tau[r] + (big_f - T(1)) * fr / (big_f * static_cast<T>(s_em1[r]));
+      if (!(next > tau[r])) continue;  // Newton from the left only moves right: a step back is float rounding
+      tau[r] = next;
+      if (std::fabs(big_f - T(1)) <= tol) continue;  // within tol: that last (quadratic) step without a check
+      live[r] = any = true;
+      if (n > COMPACT) {  // keep the candidates above the new bound (in place after the first time)
+        T* c = cand + r * n;
+        int64_t kept = 0;
+        for (int64_t j = 0; j < k[r]; ++j) {
+          const T v = y[r][j] - base[r];
+          c[kept] = v;
+          kept += v > tau[r] ? 1 : 0;
+        }
+        y[r] = c;
+        base[r] = T(0);
+        k[r] = kept;
+      }
+    }
+    if (!any) break;
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+// The weights at a row's threshold and their normaliser (1 unless the row is renormalised), written as the
+// backward recomputes them from (shift, tau, norm).
+template <typename T>
+inline T weights(Map map, const T* __restrict xi, T* __restrict pi, int64_t n, T shift, T tau, bool exact, T em1) {
+  if (map == Map::sparsemax) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = xi[j] - shift - tau;
+      pi[j] = r > T(0) ? r : T(0);
+    }
+    return T(1);
+  }
+  T norm = 0;
+  if (map == Map::entmax15) {
+#pragma omp simd reduction(+ : norm)
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = xi[j] - shift - tau;
+      const T r2 = r > T(0) ? r * r : T(0);
+      norm += r2;
+      pi[j] = r2;
+    }
+    if (exact) return T(1);
+  } else {
+    double s_em1, sum;
+    power_sums(xi, n, shift, tau, em1, pi, false, &s_em1, &sum);
+    norm = static_cast<T>(sum);
+  }
+  if (!(norm > T(0))) return T(1);
   const T inv = T(1) / norm;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
@@ -418,110 +412,45 @@ inline T entmax_weights(const T* __restrict xi, T* __restrict pi, int64_t n, T s
 template <typename T>
 int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int kind, const T* alpha_rows,
             double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  std::vector<T> cand(kind == SPARSEMAX ? 0 : n);
-  // general-alpha short rows wait here and run in groups (entmax_tau_group)
-  int64_t waiting[GROUP];
-  T w_total[GROUP];
-  int count = 0;
-  auto flush = [&]() {
-    const T* w_rows[GROUP];
-    T w_shift[GROUP], w_e[GROUP], w_tau[GROUP];
-    for (int r = 0; r < count; ++r) {
-      const int64_t i = waiting[r];
-      const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
-      w_rows[r] = x + i * n;
-      w_shift[r] = shift_out[i];
-      w_e[r] = T(1) / (alpha - T(1));
+  std::vector<T> cand(kind != SPARSEMAX && n > COMPACT ? GROUP * n : 0);
+  for (int64_t i0 = 0; i0 < rows; i0 += GROUP) {  // groups of rows; each map's rows searched together
+    const int size = static_cast<int>(rows - i0 < GROUP ? rows - i0 : GROUP);
+    T total[GROUP], alpha[GROUP];
+    Map map[GROUP];
+    for (int r = 0; r < size; ++r) {
+      const int64_t i = i0 + r;
+      bool bad = false;
+      shift_out[i] = row_stats(x + i * n, n, &bad, &total[r]);
+      if (bad) return 1;
+      alpha[r] = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
+      map[r] = row_map(kind, alpha[r], alpha_rows != nullptr);
     }
-    entmax_tau_group(w_rows, count, n, w_shift, w_total, w_e, static_cast<T>(tol), max_iter, w_tau);
-    for (int r = 0; r < count; ++r) {
-      const int64_t i = waiting[r];
-      tau_out[i] = w_tau[r];
-      norm_out[i] = entmax_weights(x + i * n, p + i * n, n, w_shift[r], w_tau[r], w_e[r] - T(1));
-    }
-    count = 0;
-  };
-  int64_t s_waiting[GROUP];
-  T s_total[GROUP];
-  int s_count = 0;
-  auto s_flush = [&]() {
-    const T* s_rows[GROUP];
-    T s_shift[GROUP], s_tau[GROUP];
-    for (int r = 0; r < s_count; ++r) {
-      s_rows[r] = x + s_waiting[r] * n;
-      s_shift[r] = shift_out[s_waiting[r]];
-    }
-    sparsemax_tau_group(s_rows, s_count, n, s_shift, s_total, s_tau);
-    for (int r = 0; r < s_count; ++r) {
-      const int64_t i = s_waiting[r];
-      const T* __restrict xi = x + i * n;
-      T* __restrict pi = p + i * n;
-      const T sh = s_shift[r], t = s_tau[r];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const T v = xi[j] - sh - t;
-        pi[j] = v > T(0) ? v : T(0);
+    for (Map m : {Map::sparsemax, Map::entmax15, Map::general}) {
+      const T* xs[GROUP];
+      T shs[GROUP], tots[GROUP], es[GROUP], taus[GROUP];
+      bool exact[GROUP];
+      int idx[GROUP], count = 0;
+      for (int r = 0; r < size; ++r) {
+        if (map[r] != m) continue;
+        idx[count] = r;
+        xs[count] = x + (i0 + r) * n;
+        shs[count] = shift_out[i0 + r];
+        tots[count] = total[r];
+        es[count] = T(1) / (alpha[r] - T(1));
+        exact[count] = true;
+        ++count;
       }
-      tau_out[i] = t;
-      norm_out[i] = T(1);
-    }
-    s_count = 0;
-  };
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* __restrict xi = x + i * n;
-    T* __restrict pi = p + i * n;
-    bool bad = false;
-    T total;
-    const T shift = row_stats(xi, n, &bad, &total);
-    if (bad) return 1;
-    shift_out[i] = shift;
-    const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
-    T tau, norm = 1;
-    if ((kind == SPARSEMAX || alpha == T(2)) && n <= COMPACT) {
-      s_waiting[s_count] = i;
-      s_total[s_count] = total;
-      if (++s_count == GROUP) s_flush();
-      continue;
-    }
-    if (kind == SPARSEMAX || alpha == T(2)) {
-      tau = sparsemax_tau(xi, n, shift, total);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = xi[j] - shift - tau;
-        pi[j] = r > T(0) ? r : T(0);
+      if (count == 0) continue;
+      if (m == Map::sparsemax) sparsemax_tau(xs, count, n, shs, tots, taus);
+      if (m == Map::entmax15) entmax15_tau(xs, count, n, shs, tots, max_iter, taus, exact);
+      if (m == Map::general) entmax_tau(xs, count, n, shs, tots, es, static_cast<T>(tol), max_iter, cand.data(), taus);
+      for (int c = 0; c < count; ++c) {
+        const int64_t i = i0 + idx[c];
+        tau_out[i] = taus[c];
+        norm_out[i] = weights(m, xs[c], p + i * n, n, shs[c], taus[c], exact[c], es[c] - T(1));
       }
-    } else if (alpha == T(1.5) && alpha_rows == nullptr) {
-      bool exact = true;
-      tau = entmax15_tau(xi, n, shift, total, max_iter, &exact);
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = xi[j] - shift - tau;
-        const T r2 = r > T(0) ? r * r : T(0);
-        sum += r2;
-        pi[j] = r2;
-      }
-      if (!exact && sum > T(0)) {
-        norm = sum;
-        const T inv = T(1) / norm;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) pi[j] *= inv;
-      }
-    } else if (n <= COMPACT) {
-      waiting[count] = i;
-      w_total[count] = total;
-      if (++count == GROUP) flush();
-      continue;
-    } else {
-      const T e = T(1) / (alpha - T(1));
-      tau = entmax_tau(xi, n, shift, total, e, static_cast<T>(tol), max_iter, cand.data());
-      norm = entmax_weights(xi, pi, n, shift, tau, e - T(1));
     }
-    tau_out[i] = tau;
-    norm_out[i] = norm;
   }
-  if (count > 0) flush();
-  if (s_count > 0) s_flush();
   return 0;
 }
 
@@ -540,7 +469,8 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
     const T shift = shift_in[i], tau = tau_in[i], norm = norm_in[i];
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
     T s_gppr = 0, g_gppr = 0;
-    if (kind == SPARSEMAX || alpha == T(2)) {  // gppr: the support indicator
+    const Map map = row_map(kind, alpha, alpha_rows != nullptr);
+    if (map == Map::sparsemax) {  // gppr: the support indicator
       const T inv_norm = T(1) / norm;
 #pragma omp simd reduction(+ : s_gppr, g_gppr)
       for (int64_t j = 0; j < n; ++j) {
@@ -551,7 +481,7 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
         s_gppr += in ? T(1) : T(0);
         g_gppr += in ? gi[j] : T(0);
       }
-    } else if (alpha == T(1.5) && alpha_rows == nullptr) {  // gppr = sqrt(p) = r / sqrt(norm)
+    } else if (map == Map::entmax15) {  // gppr = sqrt(p) = r / sqrt(norm)
       const T inv_norm = T(1) / norm, scale = T(1) / std::sqrt(norm);
 #pragma omp simd reduction(+ : s_gppr, g_gppr)
       for (int64_t j = 0; j < n; ++j) {
@@ -566,7 +496,8 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
     } else {  // gppr = p^(2 - alpha) = r^(e - 1) norm^(alpha - 2)
       const T em1 = T(1) / (alpha - T(1)) - T(1);
       const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
-      powers(xi, n, shift, tau, em1, di);  // r^(e - 1) into ds, scaled below
+      double unused_s, unused_f;
+      power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f);  // r^(e - 1) into ds, scaled below
       double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
 #pragma omp simd reduction(+ : s_sum, g_sum)
       for (int64_t j = 0; j < n; ++j) {
