@@ -122,13 +122,13 @@ def _forward_op(
             torch.bmm(qs[gs, rs], k_t[gs], out=x)  # x = (alpha - 1) (beta q k^T + mask)
             _add_mask(x, mask, gs, rs, scale)
             rows = x.view(-1, m)
-            p = ws.get(1, rows.shape)
-            if native is not None:  # one fused call: row maxima, thresholds, normalisers and weights
+            if native is not None:  # one fused call: row maxima, thresholds, normalisers, weights (in place)
                 a_rows = _alpha_block(a_t, gs, rs, x.shape).reshape(-1).contiguous() if a_t is not None else None
-                native.forward(rows, p, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
+                native.forward(rows, rows, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                shift[gs, rs].view(-1), norm[gs, rs].view(-1))
-                torch.bmm(p.view(x.shape), v[gs], out=out[gs, rs])
+                torch.bmm(x, v[gs], out=out[gs, rs])
                 continue
+            p = ws.get(1, rows.shape)
             row_max = _row_max(rows)
             rows.sub_(row_max)
             shift[gs, rs] = row_max.reshape(x.shape[0], x.shape[1], 1)

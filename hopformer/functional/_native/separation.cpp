@@ -20,6 +20,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int SPARSEMAX = 0;
@@ -42,6 +46,18 @@ constexpr int64_t LANES = 16;
 inline vf splat(float v) { return vf{} + v; }
 
 inline vf select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+inline bool any(vi mask) {  // whether a lane of a comparison's mask is set
+#if defined(__AVX512F__)
+  __m512i m;
+  __builtin_memcpy(&m, &mask, sizeof(m));
+  return _mm512_test_epi32_mask(m, m) != 0;
+#else
+  int32_t acc = 0;
+  for (int j = 0; j < LANES; ++j) acc |= mask[j];
+  return acc != 0;
+#endif
+}
 
 inline vf log2_pos(vf x) {  // x positive normal floats
   const vi bits = (vi)x;
@@ -114,6 +130,10 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
     const int64_t len = n - j0 < LANES ? n - j0 : LANES;
     const vf r = (load(x + j0, len) - shift) - tau;
     const vi in = (r > splat(0.0f)) & (lane < static_cast<int32_t>(len));  // padded lanes of a tail: out
+    if (!any(in)) {  // most chunks of a long row: no power to take
+      if (out != nullptr) store(out + j0, splat(0.0f), len);
+      continue;
+    }
     const vf pw = select(in, pow_pos(r, em1), splat(0.0f));
     const vf re = pw * select(in, r, splat(0.0f));
     s_acc += pw;
@@ -150,6 +170,10 @@ inline void logs(const float* p, int64_t n, float* out) {
   for (int64_t j0 = 0; j0 < n; j0 += LANES) {
     const int64_t len = n - j0 < LANES ? n - j0 : LANES;
     const vf v = load(p + j0, len);
+    if (!any(v > splat(0.0f))) {
+      store(out + j0, splat(0.0f), len);
+      continue;
+    }
     const vf lg = log2_pos(select(v > splat(tiny), v, splat(tiny))) * 0.693147181f;
     store(out + j0, select(v > splat(0.0f), lg, splat(0.0f)), len);
   }
@@ -205,20 +229,23 @@ constexpr int GROUP = 4;
 // the lower bound max(max y - 1, (sum y - 1) / n), stopped when the support's own threshold keeps every
 // support entry above it.
 template <typename T>
-inline void sparsemax_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, T* tau) {
+inline void sparsemax_tau(const T* const* x, int count, const int64_t* len, const T* shift, const T* total, T* tau) {
   bool live[GROUP];
+  int64_t longest = 0;
   for (int r = 0; r < count; ++r) {
     tau[r] = -1;  // max y - 1 <= tau*
-    const T mean_bound = (total[r] - 1) / static_cast<T>(n);
+    const T mean_bound = (total[r] - 1) / static_cast<T>(len[r]);
+    longest = len[r] > longest ? len[r] : longest;
     if (mean_bound > tau[r]) tau[r] = mean_bound;  // false for -inf
     live[r] = true;
   }
-  for (int64_t it = 0; it < n + 2; ++it) {
+  for (int64_t it = 0; it < longest + 2; ++it) {
     T cnt[GROUP], sum[GROUP], lo[GROUP];
     for (int r = 0; r < count; ++r) {
       if (!live[r]) continue;
       const T* __restrict xr = x[r];
       const T sh = shift[r], t = tau[r];
+      const int64_t n = len[r];
       T c = 0, sm = 0, l = inf<T>();
 #pragma omp simd reduction(+ : c, sm) reduction(min : l)
       for (int64_t j = 0; j < n; ++j) {
@@ -254,12 +281,12 @@ inline void sparsemax_tau(const T* const* x, int count, int64_t n, const T* shif
 // ||(y - tau)_+||_2 = 1 and, at every iterate, the closed-form threshold of the support (Peters et al.
 // 2019, Alg. 2), accepted when it reproduces that support (exact[r]; else the caller renormalises).
 template <typename T>
-inline void entmax15_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, int max_iter,
-                         T* tau, bool* exact) {
+inline void entmax15_tau(const T* const* x, int count, const int64_t* len, const T* shift, const T* total,
+                         int max_iter, T* tau, bool* exact) {
   bool live[GROUP];
   for (int r = 0; r < count; ++r) {
     tau[r] = -1;
-    const T mean_bound = total[r] / static_cast<T>(n) - T(1) / std::sqrt(static_cast<T>(n));
+    const T mean_bound = total[r] / static_cast<T>(len[r]) - T(1) / std::sqrt(static_cast<T>(len[r]));
     if (mean_bound > tau[r]) tau[r] = mean_bound;
     live[r] = true;
     exact[r] = false;
@@ -270,6 +297,7 @@ inline void entmax15_tau(const T* const* x, int count, int64_t n, const T* shift
       if (!live[r]) continue;
       const T* __restrict xr = x[r];
       const T sh = shift[r], t = tau[r];
+      const int64_t n = len[r];
       T c = 0, a = 0, b = 0, l = inf<T>(), h = -inf<T>();
 #pragma omp simd reduction(+ : c, a, b) reduction(min : l) reduction(max : h)
       for (int64_t j = 0; j < n; ++j) {
@@ -318,13 +346,11 @@ inline void entmax15_tau(const T* const* x, int count, int64_t n, const T* shift
 
 // alpha-entmax thresholds of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1): Newton from the left
 // on ||(y - tau)_+||_e = 1; the step taken at | ||.||_e - 1 | <= tol is the last (or it stops when it
-// stalls). Every iterate is a lower bound, so only the entries above it can be in the support: on rows
-// longer than COMPACT the search continues on those, copied to `cand` (n entries of scratch per row).
-constexpr int64_t COMPACT = 128;
-
+// stalls). Every iterate is a lower bound, so only the entries above it can be in the support: on rows with
+// scratch (`cand[r]`, the row's candidates themselves or len[r] free entries) the search continues on those.
 template <typename T>
-inline void entmax_tau(const T* const* x, int count, int64_t n, const T* shift, const T* total, const T* e, T tol,
-                       int max_iter, T* cand, T* tau) {
+inline void entmax_tau(const T* const* x, int count, const int64_t* len, const T* shift, const T* total, const T* e,
+                       T tol, int max_iter, T* const* cand, T* tau) {
   const T* y[GROUP];  // the entries searched, minus base
   T base[GROUP], em1[GROUP];
   int64_t k[GROUP];
@@ -332,10 +358,11 @@ inline void entmax_tau(const T* const* x, int count, int64_t n, const T* shift, 
   for (int r = 0; r < count; ++r) {
     y[r] = x[r];
     base[r] = shift[r];
-    k[r] = n;
+    k[r] = len[r];
     em1[r] = e[r] - T(1);
     tau[r] = -1;
-    const T mean_bound = total[r] / static_cast<T>(n) - pow_scalar(static_cast<T>(n), -T(1) / e[r]);
+    const T nr = static_cast<T>(len[r]);
+    const T mean_bound = total[r] / nr - pow_scalar(nr, -T(1) / e[r]);
     if (mean_bound > tau[r]) tau[r] = mean_bound;
     live[r] = true;
   }
@@ -356,8 +383,8 @@ inline void entmax_tau(const T* const* x, int count, int64_t n, const T* shift, 
       tau[r] = next;
       if (std::fabs(big_f - T(1)) <= tol) continue;  // within tol: that last (quadratic) step without a check
       live[r] = any = true;
-      if (n > COMPACT) {  // keep the candidates above the new bound (in place after the first time)
-        T* c = cand + r * n;
+      if (cand[r] != nullptr) {  // keep the candidates above the new bound (in place: kept <= j)
+        T* c = cand[r];
         int64_t kept = 0;
         for (int64_t j = 0; j < k[r]; ++j) {
           const T v = y[r][j] - base[r];
@@ -373,12 +400,67 @@ inline void entmax_tau(const T* const* x, int count, int64_t n, const T* shift, 
   }
 }
 
+// Long rows are searched on their candidates: every map's threshold of y = x - shift is at least
+// max y - 1 = -1 ((y_max - tau)^e <= sum_j (y_j - tau)_+^e = 1), so only the entries y > -1 can be in the
+// support (a few dozen on rows of thousands of attention scores). One pass copies them to `out` (room for
+// n + LANES entries), sums them into *total (minus a bound on its rounding, as in row_stats: any superset of the
+// support gives the searches' mean bound) and returns their number; the searches' passes then run over those
+// instead of the row, which at the attention core's block sizes streams from the L2 or L3 cache on long rows.
+// Rows from COMPACT[map] entries on are compacted (below that the row's own passes, in L1, cost less).
+constexpr int64_t COMPACT[] = {512, 192, 129};  // sparsemax, entmax15, general
+
+template <typename T>
+inline int64_t candidates(const T* __restrict x, int64_t n, T shift, T* __restrict out, T* total) {
+  int64_t k = 0;
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = x[j] - shift;
+    out[k] = v;
+    const bool in = v > T(-1);
+    sum += in ? static_cast<double>(v) : 0.0;
+    k += in ? 1 : 0;
+  }
+  *total = static_cast<T>(sum) - 4 * std::numeric_limits<T>::epsilon() * static_cast<T>(k);  // |v| <= 1
+  return k;
+}
+
+#if defined(__AVX512F__)
+template <>
+inline int64_t candidates<float>(const float* __restrict x, int64_t n, float shift, float* __restrict out,
+                                 float* total) {
+  const __m512 sh = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-1.0f);
+  __m512d sum = _mm512_setzero_pd();
+  int64_t k = 0, j = 0;
+  for (; j + LANES <= n; j += LANES) {
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + j), sh);
+    const __mmask16 in = _mm512_cmp_ps_mask(v, lo, _CMP_GT_OQ);
+    if (in) {  // rare on long rows: most chunks hold no candidate
+      const __m512 c = _mm512_maskz_compress_ps(in, v);
+      _mm512_storeu_ps(out + k, c);
+      sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(c)));
+      sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1))));
+      k += __builtin_popcount(static_cast<unsigned>(in));
+    }
+  }
+  double s = _mm512_reduce_add_pd(sum);
+  for (; j < n; ++j) {
+    const float v = x[j] - shift;
+    out[k] = v;
+    const bool in = v > -1.0f;
+    s += in ? static_cast<double>(v) : 0.0;
+    k += in ? 1 : 0;
+  }
+  *total = static_cast<float>(s) - 4 * std::numeric_limits<float>::epsilon() * static_cast<float>(k);
+  return k;
+}
+#endif
+
 // ---------------------------------------------------------------- forward
 
 // The weights at a row's threshold and their normaliser (1 unless the row is renormalised), written as the
 // backward recomputes them from (shift, tau, norm).
 template <typename T>
-inline T weights(Map map, const T* __restrict xi, T* __restrict pi, int64_t n, T shift, T tau, bool exact, T em1) {
+inline T weights(Map map, const T* xi, T* pi, int64_t n, T shift, T tau, bool exact, T em1) {  // pi may be xi
   if (map == Map::sparsemax) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
@@ -409,10 +491,11 @@ inline T weights(Map map, const T* __restrict xi, T* __restrict pi, int64_t n, T
   return norm;
 }
 
+// `p` may be `x` itself (the weights overwrite the scores row by row, after the row's search).
 template <typename T>
-int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int kind, const T* alpha_rows,
-            double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  std::vector<T> cand(kind != SPARSEMAX && n > COMPACT ? GROUP * n : 0);
+int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_rows, double alpha_f, double tol,
+            int max_iter, T* tau_out, T* shift_out, T* norm_out) {
+  std::vector<T> cand(n >= COMPACT[2] ? GROUP * (n + LANES) : 0);
   for (int64_t i0 = 0; i0 < rows; i0 += GROUP) {  // groups of rows; each map's rows searched together
     const int size = static_cast<int>(rows - i0 < GROUP ? rows - i0 : GROUP);
     T total[GROUP], alpha[GROUP];
@@ -426,28 +509,40 @@ int forward(const T* __restrict x, T* __restrict p, int64_t rows, int64_t n, int
       map[r] = row_map(kind, alpha[r], alpha_rows != nullptr);
     }
     for (Map m : {Map::sparsemax, Map::entmax15, Map::general}) {
-      const T* xs[GROUP];
+      const T* ys[GROUP];  // what the search reads: the row, or its candidates (then shift 0, no mean bound)
+      T* scratch[GROUP];
+      int64_t len[GROUP];
       T shs[GROUP], tots[GROUP], es[GROUP], taus[GROUP];
       bool exact[GROUP];
       int idx[GROUP], count = 0;
       for (int r = 0; r < size; ++r) {
         if (map[r] != m) continue;
+        const T* xr = x + (i0 + r) * n;
         idx[count] = r;
-        xs[count] = x + (i0 + r) * n;
-        shs[count] = shift_out[i0 + r];
-        tots[count] = total[r];
         es[count] = T(1) / (alpha[r] - T(1));
         exact[count] = true;
+        if (n >= COMPACT[static_cast<int>(m)]) {
+          scratch[count] = cand.data() + count * (n + LANES);
+          len[count] = candidates(xr, n, shift_out[i0 + r], scratch[count], &tots[count]);
+          ys[count] = scratch[count];
+          shs[count] = T(0);
+        } else {
+          scratch[count] = nullptr;
+          len[count] = n;
+          ys[count] = xr;
+          shs[count] = shift_out[i0 + r];
+          tots[count] = total[r];
+        }
         ++count;
       }
       if (count == 0) continue;
-      if (m == Map::sparsemax) sparsemax_tau(xs, count, n, shs, tots, taus);
-      if (m == Map::entmax15) entmax15_tau(xs, count, n, shs, tots, max_iter, taus, exact);
-      if (m == Map::general) entmax_tau(xs, count, n, shs, tots, es, static_cast<T>(tol), max_iter, cand.data(), taus);
+      if (m == Map::sparsemax) sparsemax_tau(ys, count, len, shs, tots, taus);
+      if (m == Map::entmax15) entmax15_tau(ys, count, len, shs, tots, max_iter, taus, exact);
+      if (m == Map::general) entmax_tau(ys, count, len, shs, tots, es, static_cast<T>(tol), max_iter, scratch, taus);
       for (int c = 0; c < count; ++c) {
         const int64_t i = i0 + idx[c];
         tau_out[i] = taus[c];
-        norm_out[i] = weights(m, xs[c], p + i * n, n, shs[c], taus[c], exact[c], es[c] - T(1));
+        norm_out[i] = weights(m, x + i * n, p + i * n, n, shift_out[i], taus[c], exact[c], es[c] - T(1));
       }
     }
   }
