@@ -96,6 +96,23 @@ inline float pow_scalar(float r, float y) { return pow_pos(splat(r), y)[0]; }  /
 
 inline double pow_scalar(double r, double y) { return pow_pos(r, y); }
 
+// The sum of a vector's lanes, in double, as a tree (a serial sum of 16 lanes was a long dependency chain).
+#if defined(__clang__) || __GNUC__ >= 12
+typedef double vd __attribute__((vector_size(64)));
+
+inline double lane_sum(vf v) {
+  const vd c = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd) +
+               __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+  return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7]));
+}
+#else
+inline double lane_sum(vf v) {
+  double h[8];
+  for (int j = 0; j < 8; ++j) h[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + 8]);
+  return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+}
+#endif
+
 // Loads / stores of a chunk of up to LANES floats (a short tail through a zero-padded copy).
 inline vf load(const float* x, int64_t len) {
   vf v;
@@ -140,13 +157,8 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
     f_acc += re;
     if (out != nullptr) store(out + j0, r_em1 ? pw : re, len);
   }
-  double s = 0, fs = 0;
-  for (int j = 0; j < LANES; ++j) {
-    s += s_acc[j];
-    fs += f_acc[j];
-  }
-  *s_em1 = s;
-  *f = fs;
+  *s_em1 = lane_sum(s_acc);
+  *f = lane_sum(f_acc);
 }
 
 inline void power_sums(const double* x, int64_t n, double shift, double tau, double em1, double* out, bool r_em1,
@@ -182,6 +194,64 @@ inline void logs(const float* p, int64_t n, float* out) {
 inline void logs(const double* p, int64_t n, double* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = p[j] > 0.0 ? std::log(p[j]) : 0.0;
 }
+
+// Long rows are searched on their candidates: every map's threshold of y = x - shift is at least
+// max y - 1 = -1 ((y_max - tau)^e <= sum_j (y_j - tau)_+^e = 1), so only the entries y > -1 can be in the
+// support (a few dozen on rows of thousands of attention scores). One pass (keep_above) copies them to scratch
+// (room for n + LANES entries) and sums them (any superset of the support gives the searches' mean bound); the
+// searches' passes then run over those instead of the row, which at the attention core's block sizes streams
+// from the L2 or L3 cache on long rows.
+// Rows from COMPACT[map] entries on are compacted (below that the row's own passes, in L1, cost less).
+constexpr int64_t COMPACT[] = {512, 192, 129};  // sparsemax, entmax15, general
+
+// The entries v = y[j] - base above `bound`, copied to `out` (which may be y: in place) and counted; *total (when
+// given) is their sum minus a bound on its rounding for |v| <= 1.
+template <typename T>
+inline int64_t keep_above(const T* y, int64_t n, T base, T bound, T* out, T* total) {
+  int64_t k = 0;
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = y[j] - base;
+    out[k] = v;
+    const bool in = v > bound;
+    sum += in ? static_cast<double>(v) : 0.0;
+    k += in ? 1 : 0;
+  }
+  if (total != nullptr) *total = static_cast<T>(sum) - 4 * std::numeric_limits<T>::epsilon() * static_cast<T>(k);
+  return k;
+}
+
+#if defined(__AVX512F__)
+template <>
+inline int64_t keep_above<float>(const float* y, int64_t n, float base, float bound, float* out, float* total) {
+  const __m512 sh = _mm512_set1_ps(base), lo = _mm512_set1_ps(bound);
+  __m512d sum = _mm512_setzero_pd();
+  int64_t k = 0, j = 0;
+  for (; j + LANES <= n; j += LANES) {  // in place: the store at k <= j only overwrites entries already read
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(y + j), sh);
+    const __mmask16 in = _mm512_cmp_ps_mask(v, lo, _CMP_GT_OQ);
+    if (in) {  // on long rows most chunks hold no candidate
+      const __m512 c = _mm512_maskz_compress_ps(in, v);
+      _mm512_storeu_ps(out + k, c);
+      if (total != nullptr) {
+        sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(c)));
+        sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1))));
+      }
+      k += __builtin_popcount(static_cast<unsigned>(in));
+    }
+  }
+  double s = _mm512_reduce_add_pd(sum);
+  for (; j < n; ++j) {
+    const float v = y[j] - base;
+    out[k] = v;
+    const bool in = v > bound;
+    s += in ? static_cast<double>(v) : 0.0;
+    k += in ? 1 : 0;
+  }
+  if (total != nullptr) *total = static_cast<float>(s) - 4 * std::numeric_limits<float>::epsilon() * static_cast<float>(k);
+  return k;
+}
+#endif
 
 // ---------------------------------------------------------------- thresholds
 // Which map a row takes: sparsemax (also alpha = 2 rows of a per-row alpha), the exact 1.5-entmax (a float
@@ -383,77 +453,15 @@ inline void entmax_tau(const T* const* x, int count, const int64_t* len, const T
       tau[r] = next;
       if (std::fabs(big_f - T(1)) <= tol) continue;  // within tol: that last (quadratic) step without a check
       live[r] = any = true;
-      if (cand[r] != nullptr) {  // keep the candidates above the new bound (in place: kept <= j)
-        T* c = cand[r];
-        int64_t kept = 0;
-        for (int64_t j = 0; j < k[r]; ++j) {
-          const T v = y[r][j] - base[r];
-          c[kept] = v;
-          kept += v > tau[r] ? 1 : 0;
-        }
-        y[r] = c;
+      if (cand[r] != nullptr) {  // keep the candidates above the new bound
+        k[r] = keep_above(y[r], k[r], base[r], tau[r], cand[r], static_cast<T*>(nullptr));
+        y[r] = cand[r];
         base[r] = T(0);
-        k[r] = kept;
       }
     }
     if (!any) break;
   }
 }
-
-// Long rows are searched on their candidates: every map's threshold of y = x - shift is at least
-// max y - 1 = -1 ((y_max - tau)^e <= sum_j (y_j - tau)_+^e = 1), so only the entries y > -1 can be in the
-// support (a few dozen on rows of thousands of attention scores). One pass copies them to `out` (room for
-// n + LANES entries), sums them into *total (minus a bound on its rounding, as in row_stats: any superset of the
-// support gives the searches' mean bound) and returns their number; the searches' passes then run over those
-// instead of the row, which at the attention core's block sizes streams from the L2 or L3 cache on long rows.
-// Rows from COMPACT[map] entries on are compacted (below that the row's own passes, in L1, cost less).
-constexpr int64_t COMPACT[] = {512, 192, 129};  // sparsemax, entmax15, general
-
-template <typename T>
-inline int64_t candidates(const T* __restrict x, int64_t n, T shift, T* __restrict out, T* total) {
-  int64_t k = 0;
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = x[j] - shift;
-    out[k] = v;
-    const bool in = v > T(-1);
-    sum += in ? static_cast<double>(v) : 0.0;
-    k += in ? 1 : 0;
-  }
-  *total = static_cast<T>(sum) - 4 * std::numeric_limits<T>::epsilon() * static_cast<T>(k);  // |v| <= 1
-  return k;
-}
-
-#if defined(__AVX512F__)
-template <>
-inline int64_t candidates<float>(const float* __restrict x, int64_t n, float shift, float* __restrict out,
-                                 float* total) {
-  const __m512 sh = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-1.0f);
-  __m512d sum = _mm512_setzero_pd();
-  int64_t k = 0, j = 0;
-  for (; j + LANES <= n; j += LANES) {
-    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + j), sh);
-    const __mmask16 in = _mm512_cmp_ps_mask(v, lo, _CMP_GT_OQ);
-    if (in) {  // rare on long rows: most chunks hold no candidate
-      const __m512 c = _mm512_maskz_compress_ps(in, v);
-      _mm512_storeu_ps(out + k, c);
-      sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(c)));
-      sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1))));
-      k += __builtin_popcount(static_cast<unsigned>(in));
-    }
-  }
-  double s = _mm512_reduce_add_pd(sum);
-  for (; j < n; ++j) {
-    const float v = x[j] - shift;
-    out[k] = v;
-    const bool in = v > -1.0f;
-    s += in ? static_cast<double>(v) : 0.0;
-    k += in ? 1 : 0;
-  }
-  *total = static_cast<float>(s) - 4 * std::numeric_limits<float>::epsilon() * static_cast<float>(k);
-  return k;
-}
-#endif
 
 // ---------------------------------------------------------------- forward
 
@@ -509,7 +517,7 @@ int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_
       map[r] = row_map(kind, alpha[r], alpha_rows != nullptr);
     }
     for (Map m : {Map::sparsemax, Map::entmax15, Map::general}) {
-      const T* ys[GROUP];  // what the search reads: the row, or its candidates (then shift 0, no mean bound)
+      const T* ys[GROUP];  // what the search reads: the row, or its candidates (then shift 0)
       T* scratch[GROUP];
       int64_t len[GROUP];
       T shs[GROUP], tots[GROUP], es[GROUP], taus[GROUP];
@@ -523,7 +531,7 @@ int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_
         exact[count] = true;
         if (n >= COMPACT[static_cast<int>(m)]) {
           scratch[count] = cand.data() + count * (n + LANES);
-          len[count] = candidates(xr, n, shift_out[i0 + r], scratch[count], &tots[count]);
+          len[count] = keep_above(xr, n, shift_out[i0 + r], T(-1), scratch[count], &tots[count]);
           ys[count] = scratch[count];
           shs[count] = T(0);
         } else {
