@@ -503,7 +503,7 @@ inline T weights(Map map, const T* xi, T* pi, int64_t n, T shift, T tau, bool ex
 template <typename T>
 int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_rows, double alpha_f, double tol,
             int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  std::vector<T> cand(n >= COMPACT[2] ? GROUP * (n + LANES) : 0);
+  std::vector<T> cand(n >= COMPACT[0] || n >= COMPACT[1] || n >= COMPACT[2] ? GROUP * (n + LANES) : 0);
   for (int64_t i0 = 0; i0 < rows; i0 += GROUP) {  // groups of rows; each map's rows searched together
     const int size = static_cast<int>(rows - i0 < GROUP ? rows - i0 : GROUP);
     T total[GROUP], alpha[GROUP];
