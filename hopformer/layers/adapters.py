@@ -17,8 +17,6 @@ from einops import rearrange, reduce, repeat
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from ..functional.heads import split_heads
-from ..functional.separation import is_softmax
 from .continuous import as_memory
 from .interface import HopfieldInterface
 from .kernel import UHopFeatureMap
@@ -215,11 +213,7 @@ class HopfieldAttention(HopfieldInterface, Attention):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.feature_map is None:
-            sparse = self.retrieval.alpha is not None or not is_softmax(self.retrieval.separation)
-            if sparse and self.retrieval.memory is None:  # the sparse core's contiguous heads
-                q, k, v = split_heads(self.qkv(x), 3, self.num_heads)
-            else:  # views: fused softmax reads them as they are
-                q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
             return self.q_norm(q), self.k_norm(k), v
         phi = self.feature_map(x)
         if self.feature_map.kernel_dim == self.feature_map.dim:
