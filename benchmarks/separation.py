@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
-from _common import interleaved, machine_line, on_kernel_path, peak_bytes, saved_bytes  # noqa: E402
+import _common  # noqa: E402
+from _common import add_stat_option, interleaved, machine_line, on_kernel_path, peak_bytes, saved_bytes  # noqa: E402
 from hopformer.functional.separation import entmax, entmax15, separated_attention, sparsemax  # noqa: E402
 
 # (batch, heads) per length: B * H * L^2 scores kept between 2^22 and 2^26
@@ -99,7 +100,7 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
     med = interleaved({name: step(fn) for name, fn in fns.items()}, repeats, device)
     ref = med["sdpa softmax (reference)"]
     print(f"\n### L={length}: B={b} H={h} d={HEAD_DIM} {str(dtype).removeprefix('torch.')} device={device} "
-          f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats}")
+          f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats} stat={_common.STAT}")
     head = f"| {'core':34s} | {'ms':>8s} | {'x SDPA':>6s} |"
     print(head + (" saved MiB | peak MiB |" if memory else "") + (f" current / {ab} |" if ab else ""))
     print("|" + "---|" * (3 + 2 * memory + bool(ab)))
@@ -154,7 +155,9 @@ def main() -> None:
                         help="also the sparse cores on the kernels of this path (default: torch)")
     parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
+    add_stat_option(parser)
     args = parser.parse_args()
+    _common.STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"\nhopformer from {os.path.dirname(hopformer.__file__)}")

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
 import hopformer.models  # noqa: E402,F401  (registers the Hopfield ViTs)
-from _common import interleaved, machine_line, on_kernel_path  # noqa: E402
+import _common  # noqa: E402
+from _common import add_stat_option, interleaved, machine_line, on_kernel_path  # noqa: E402
 from hopformer.models.vit import HOPFIELD_VIT_MODELS  # noqa: E402
 
 VARIANTS: Dict[str, dict] = {
@@ -79,7 +80,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile each model")
     parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
                         help="also each sparse variant on the kernels of this path (default: torch)")
+    add_stat_option(parser)
     args = parser.parse_args()
+    _common.STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -105,7 +108,7 @@ def main() -> None:
     med = interleaved(runs, args.repeats, device)
     ref = med["timm ViT (reference)"]
     print(f"\n### training step {args.model}, batch {args.batch}, device={device}, threads={torch.get_num_threads()}, "
-          f"repeats={args.repeats}")
+          f"repeats={args.repeats} stat={args.stat}")
     print(f"| {'model':40s} | {'ms/step':>8s} | {'x timm':>6s} |" + (" compiled speedup |" if args.compile else ""))
     print("|---|---|---|" + ("---|" if args.compile else ""))
     for name, t in med.items():
