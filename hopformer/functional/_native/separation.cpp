@@ -1,7 +1,9 @@
 // Fused row kernels of the sparse attention core (sparsemax, 1.5-entmax, alpha-entmax).
 //
 // One call handles a block of rows of scores `x` (row-major, `rows x n`); each row is read a few times
-// while it sits in the L1 cache, instead of the 15-40 full-block passes of the torch-op kernels.
+// while it sits in the L1 cache, instead of the 15-40 full-block passes of the torch-op kernels. Long rows
+// (hundreds of scores and more) are searched on their candidates, the few entries within 1 of the row
+// maximum (keep_above), so a row of thousands costs about three passes: statistics, candidates, weights.
 // Built at first use by `hopformer/functional/_native/__init__.py` (plain C++, no torch headers) and
 // called through ctypes, which releases the GIL, so the CPU worker threads run blocks in parallel.
 // Arithmetic is in the rows' own precision T (float32 or float64), like the torch-op kernels; every loop
