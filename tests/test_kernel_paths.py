@@ -157,6 +157,9 @@ def test_blocks_cover_every_row_once_and_are_balanced(groups, n, m, chunk):
         seen[gs, rs] += 1
         assert (gs.stop - gs.start) * (rs.stop - rs.start) <= step * per  # fits the workspace
     assert (seen == 1).all()
+    if m >= sa._LONG_ROW:  # long rows: about _MIN_BLOCK_ROWS rows (balanced whole groups: at least half)
+        assert 2 * step * per >= min(groups * n, sa._MIN_BLOCK_ROWS, sa._MAX_BLOCK_ELEMS // m)
+        chunk = max(chunk, min(sa._MIN_BLOCK_ROWS, sa._MAX_BLOCK_ELEMS // m) * m)
     if per == n and groups * n * m >= chunk:  # whole groups: at most 1.5x the block size, sizes balanced
         assert step * n * m <= 1.5 * chunk + n * m
         sizes = [gs.stop - gs.start for gs, _ in blocks]

@@ -37,6 +37,13 @@ from hopformer.functional._separation_kernels import (
 
 _CHUNK_ELEMS = 1 << 18
 _CHUNK_ELEMS_GPU = 1 << 25
+# CPU blocks of rows of at least _LONG_ROW scores: at least _MIN_BLOCK_ROWS rows (up to _MAX_BLOCK_ELEMS
+# scores). Thin blocks paid their fixed cost (a dozen torch calls, thin matmuls) too often: fwd+bwd at
+# L = 4096 / 8192 took about 0.87 / 0.75x the time with 256-row blocks instead of 64 / 32 rows
+# (`benchmarks/separation.py --sweep-chunk`).
+_LONG_ROW = 2048
+_MIN_BLOCK_ROWS = 256
+_MAX_BLOCK_ELEMS = 1 << 21
 _MIN_UNITS = 8  # backward: below this many group units, each unit is split into pieces
 _PIECES = 4
 
@@ -44,8 +51,12 @@ _PIECES = 4
 def _block_rows(groups: int, n: int, m: int, device: torch.device) -> Tuple[int, int]:
     """`(groups per block, rows per block)`: whole groups per block when a group's `n x m` scores fit
     in `_CHUNK_ELEMS` (the number of blocks rounded, so sizes are balanced and no tiny last block
-    pays a whole block's fixed cost: at most 1.5x `_CHUNK_ELEMS` scores), else row slices of one group."""
-    per = max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(m, 1))
+    pays a whole block's fixed cost: at most 1.5x `_CHUNK_ELEMS` scores), else row slices of one group
+    (on CPU, rows of `_LONG_ROW` scores or more: at least `_MIN_BLOCK_ROWS` rows within `_MAX_BLOCK_ELEMS`)."""
+    m = max(m, 1)
+    per = max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // m)
+    if device.type == "cpu" and m >= _LONG_ROW and not _reference():
+        per = max(per, min(_MIN_BLOCK_ROWS, _MAX_BLOCK_ELEMS // m))
     if per < n:
         return 1, per
     step = max(1, per // n)
