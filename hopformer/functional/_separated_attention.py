@@ -120,7 +120,7 @@ def _forward_op(
     shift = q.new_empty(groups, n, 1)  # row maxima: thresholds are solved for x - max (precision)
     norm = q.new_ones(groups, n, 1)
     alpha = a_t if a_t is not None else alpha_f
-    _, qs, scale = _scaled_queries(q, beta, alpha, kind)
+    qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
     native = _row_kernels(q, m, kind, a_t, alpha_f)
@@ -187,7 +187,7 @@ def _backward_op(
     g_out = g_out.contiguous()
     need_alpha = a_t is not None and need_alpha
     alpha = a_t if a_t is not None else alpha_f
-    qb, qs, scale = _scaled_queries(q, beta, alpha, kind)
+    qs, scale = _scaled_queries(q, beta, alpha, kind)
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
@@ -210,14 +210,14 @@ def _backward_op(
         ws = _Workspace(q, n, m, 4)
         for u in part:
             gs = items[u][0][0]
-            if not owned[u]:
-                gk, gv = k.new_zeros(k[gs].shape), v.new_zeros(v[gs].shape)
+            if not owned[u]:  # dk, dv: written by the first block (no zero fill of fresh memory)
+                gk, gv = k.new_empty(k[gs].shape), v.new_empty(v[gs].shape)
                 ga = a_t.new_zeros(a_t[gs].shape) if need_alpha else None
                 private[u] = (gk, gv, ga)
             else:
-                gk, gv = dk[gs].zero_(), dv[gs].zero_()
+                gk, gv = dk[gs], dv[gs]
                 ga = dalpha[gs].zero_() if need_alpha else None
-            for gs, rs in items[u]:
+            for b, (gs, rs) in enumerate(items[u]):
                 shape = (gs.stop - gs.start, rs.stop - rs.start, m)
                 x = ws.get(0, shape)
                 torch.bmm(qs[gs, rs], k_t[gs], out=x)
@@ -251,9 +251,13 @@ def _backward_op(
                     else:
                         ga[:, rs] += da
                 p3, ds3 = p.view(shape), ds.view(shape)
-                gv.baddbmm_(p3.transpose(1, 2), go)
                 torch.bmm(ds3, k[gs], out=dq[gs, rs])
-                gk.baddbmm_(ds3.transpose(1, 2), qb[gs, rs])
+                if b == 0:
+                    torch.bmm(p3.transpose(1, 2), go, out=gv)
+                    torch.bmm(ds3.transpose(1, 2), q[gs, rs], out=gk)  # times beta at the end
+                else:
+                    gv.baddbmm_(p3.transpose(1, 2), go)
+                    gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs])
 
     _parallel(job, len(items), q.device)
     if not all(owned):  # the pieces' private sums, in a fixed order: deterministic
@@ -270,9 +274,9 @@ def _backward_op(
                     else:
                         total[gs] = part
             done.add(key)
-    # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group
+    # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group; dq and dk take their beta in place
     dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if need_beta else q.new_empty(0)
-    return dq.mul_(beta), dk, dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
+    return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
 
 
 @_backward_op.register_fake
@@ -303,13 +307,14 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _scaled_queries(q, beta, alpha, kind: str):
-    """`(beta q, (alpha - 1) beta q, alpha - 1)`: folding the scales into the (small) queries saves
-    full passes over each block of scores (for sparsemax the scale is 1 and None is returned)."""
-    qb = q * beta
+    """`((alpha - 1) beta q, alpha - 1)`: folding the scales into the (small) queries saves full passes over
+    each block of scores (for sparsemax the scale is 1 and None is returned). One query-sized tensor: the
+    factor is formed on the small `beta` / `alpha` first (a second query-sized product cost as much as a
+    block's matmuls, most of it page faults of the fresh allocation)."""
     if kind == "sparsemax":
-        return qb, qb, None
+        return q * beta, None
     scale = alpha - 1.0
-    return qb, qb * scale, scale
+    return q * (beta * scale), scale
 
 
 def _units(blocks: List[Tuple[slice, slice]]) -> List[List[Tuple[slice, slice]]]:
