@@ -20,6 +20,7 @@ Targets (issue 14): sparsemax and entmax15 <= 1.5x SDPA, learnable alpha <= 2.5x
     python benchmarks/separation.py --lengths 64 256 --repeats 5 --threads 1
     python benchmarks/separation.py --device cuda                                   # see also gpu.py
     python benchmarks/separation.py --threads 1 --ab     # + the sparse cores on the torch-op kernels
+    python benchmarks/separation.py --threads 1 --repeats 9 --stat min   # minimum of the rounds (noisy machines)
 
 With ``--ab [PATH]`` each sparse core is also timed on the kernels of another path
 (``hopformer.functional.set_kernel_path``): ``torch`` (default: the torch-op kernels, i.e. before the

@@ -10,6 +10,7 @@ variants <= 1.05x timm.
     python benchmarks/training_step.py --model hopfield_vit_mini_patch4_32 --batch 32 --repeats 5
     python benchmarks/training_step.py --compile --variants softmax sparsemax
     python benchmarks/training_step.py --threads 1 --ab      # + each sparse variant on the torch-op kernels
+    python benchmarks/training_step.py --threads 1 --repeats 20 --stat min   # minimum of the rounds (noisy machines)
 
 With ``--ab [PATH]`` every sparse variant is also timed on the sparse kernels of another path
 (``hopformer.functional.set_kernel_path``: ``torch``, the default, for the torch-op kernels before
