@@ -23,3 +23,21 @@ def run_on_path(path, q, k, v, separation, mask=None):
     out = separated_attention(q, k, v, separation=separation, mask=mask)
     g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
     return [out.detach()] + list(torch.autograd.grad((out * g).sum(), inputs))
+
+
+def assert_no_worse(new, ref, truth, floor=1.0):
+    """Outputs `new` are no further from `truth` than outputs `ref`: per tensor, max abs error / max(|truth|,
+    `floor`) within 2x `ref`'s + 1e-6."""
+    def err(out, t):
+        return ((out.double() - t).abs().max() / t.abs().max().clamp_min(floor)).item()
+
+    for a, b, t in zip(new, ref, truth):
+        assert err(a, t) <= 2 * err(b, t) + 1e-6
+
+
+def assert_float32_no_worse(new, ref, q, k, v, separation, truth, mask=None):
+    """In float32, kernel path `new` is no further from the float64 result `truth` (`run_on_path`'s list) than
+    path `ref` (see `assert_no_worse`)."""
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    outs = {path: run_on_path(path, q32, k32, v32, separation, mask) for path in (new, ref)}
+    assert_no_worse(outs[new], outs[ref], truth)

@@ -15,7 +15,7 @@ import hopformer.functional._separated_attention as sa
 import hopformer.functional._separation_kernels as sk
 from hopformer.functional import get_kernel_path, set_kernel_path
 from hopformer.functional.separation import entmax, separated_attention
-from kernel_cases import qkv, run_on_path
+from kernel_cases import assert_float32_no_worse, qkv, run_on_path
 
 
 @pytest.fixture
@@ -60,13 +60,7 @@ def test_general_alpha_paths_agree(alpha, restore_path):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() <= 1e-11 * max(1.0, b.abs().max().item())
     assert torch.equal(new[0] == 0, truth[0] == 0)  # the same exact zeros
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    errors = {}
-    for path in ("reference", "torch"):
-        out = run_on_path(path, q32, k32, v32, _alpha(alpha, torch.float32))
-        errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
-    for err_new, err_ref in zip(errors["torch"], errors["reference"]):
-        assert err_new <= 2 * err_ref + 1e-6
+    assert_float32_no_worse("torch", "reference", q, k, v, _alpha(alpha, torch.float32), truth)
 
 
 @pytest.mark.parametrize("path", ["torch", "auto"])

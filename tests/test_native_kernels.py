@@ -14,7 +14,7 @@ import hopformer.functional._separation_kernels as sk
 from hopformer import set_num_workers
 from hopformer.functional import _native, set_kernel_path
 from hopformer.functional.separation import separated_attention
-from kernel_cases import qkv, run_on_path
+from kernel_cases import assert_float32_no_worse, assert_no_worse, qkv, run_on_path
 
 needs_native = pytest.mark.skipif(_native.load() is None, reason=f"native kernels not built: {_native.error()}")
 
@@ -57,13 +57,7 @@ def test_native_float32_as_close_to_float64_as_torch(separation, restore_path):
     """In float32 the native kernels are no further from the float64 result than the torch-op kernels."""
     q, k, v = qkv(2, 4, 65, 300, scale=1.0)
     truth = run_on_path("native", q, k, v, _separation(separation, torch.float64))
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    errors = {}
-    for path in ("torch", "native"):
-        out = run_on_path(path, q32, k32, v32, _separation(separation, torch.float32))
-        errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
-    for err_native, err_torch in zip(errors["native"], errors["torch"]):
-        assert err_native <= 2 * err_torch + 1e-6
+    assert_float32_no_worse("native", "torch", q, k, v, _separation(separation, torch.float32), truth)
 
 
 @needs_native
@@ -76,13 +70,7 @@ def test_native_long_rows_float32(separation, m, scale, restore_path):
     q, k, v = qkv(1, 4, 9, m, scale=scale)
     mask = torch.rand(9, m, generator=torch.Generator().manual_seed(2)) > 0.2
     truth = run_on_path("torch", q, k, v, _separation(separation, torch.float64), mask)
-    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    errors = {}
-    for path in ("torch", "native"):
-        out = run_on_path(path, q32, k32, v32, _separation(separation, torch.float32), mask)
-        errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(out, truth)]
-    for err_native, err_torch in zip(errors["native"], errors["torch"]):
-        assert err_native <= 2 * err_torch + 1e-6
+    assert_float32_no_worse("native", "torch", q, k, v, _separation(separation, torch.float32), truth, mask)
 
 
 @needs_native
@@ -188,12 +176,8 @@ def test_native_maps_on_materialised_scores_match_torch(restore_path):
     for a, b in zip(_maps("native", z, alpha), truth):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max() <= 1e-12 * max(1.0, b.abs().max().item())
-    errors = {}
-    for path in ("torch", "native"):
-        out = _maps(path, z.float(), alpha.float())
-        errors[path] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-3)).item() for a, b in zip(out, truth)]
-    for err_native, err_torch in zip(errors["native"], errors["torch"]):
-        assert err_native <= 2 * err_torch + 1e-6
+    assert_no_worse(_maps("native", z.float(), alpha.float()), _maps("torch", z.float(), alpha.float()), truth,
+                    floor=1e-3)
 
 
 @needs_native

@@ -126,7 +126,7 @@ def _forward_op(
     native = _row_kernels(q, m, kind, a_t, alpha_f)
 
     def job(part):
-        ws = _Workspace(q, n, m, 4)
+        ws = _Workspace(q, n, m, 1 if native is not None else 4)  # native: the weights overwrite the scores
         for i in part:
             gs, rs = blocks[i]
             x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))

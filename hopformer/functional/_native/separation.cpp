@@ -205,21 +205,32 @@ inline void logs(const double* p, int64_t n, double* out) {
 // from the L2 or L3 cache on long rows.
 // Rows from COMPACT[map] entries on are compacted (below that the row's own passes, in L1, cost less).
 constexpr int64_t COMPACT[] = {512, 192, 129};  // sparsemax, entmax15, general
+constexpr int64_t COMPACT_MIN = 129;  // the smallest of them: rows from here on need scratch
 
 // The entries v = y[j] - base above `bound`, copied to `out` (which may be y: in place) and counted; *total (when
 // given) is their sum minus a bound on its rounding for |v| <= 1.
 template <typename T>
-inline int64_t keep_above(const T* y, int64_t n, T base, T bound, T* out, T* total) {
-  int64_t k = 0;
-  double sum = 0;
+inline int64_t keep_above_scalar(const T* y, int64_t n, T base, T bound, T* out, int64_t k, double* sum) {
   for (int64_t j = 0; j < n; ++j) {
     const T v = y[j] - base;
     out[k] = v;
     const bool in = v > bound;
-    sum += in ? static_cast<double>(v) : 0.0;
+    *sum += in ? static_cast<double>(v) : 0.0;
     k += in ? 1 : 0;
   }
+  return k;
+}
+
+template <typename T>
+inline void rounded_total(double sum, int64_t k, T* total) {
   if (total != nullptr) *total = static_cast<T>(sum) - 4 * std::numeric_limits<T>::epsilon() * static_cast<T>(k);
+}
+
+template <typename T>
+inline int64_t keep_above(const T* y, int64_t n, T base, T bound, T* out, T* total) {
+  double sum = 0;
+  const int64_t k = keep_above_scalar(y, n, base, bound, out, 0, &sum);
+  rounded_total(sum, k, total);
   return k;
 }
 
@@ -227,7 +238,7 @@ inline int64_t keep_above(const T* y, int64_t n, T base, T bound, T* out, T* tot
 template <>
 inline int64_t keep_above<float>(const float* y, int64_t n, float base, float bound, float* out, float* total) {
   const __m512 sh = _mm512_set1_ps(base), lo = _mm512_set1_ps(bound);
-  __m512d sum = _mm512_setzero_pd();
+  __m512d acc = _mm512_setzero_pd();
   int64_t k = 0, j = 0;
   for (; j + LANES <= n; j += LANES) {  // in place: the store at k <= j only overwrites entries already read
     const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(y + j), sh);
@@ -236,21 +247,15 @@ inline int64_t keep_above<float>(const float* y, int64_t n, float base, float bo
       const __m512 c = _mm512_maskz_compress_ps(in, v);
       _mm512_storeu_ps(out + k, c);
       if (total != nullptr) {
-        sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(c)));
-        sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1))));
+        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(c)));
+        acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1))));
       }
       k += __builtin_popcount(static_cast<unsigned>(in));
     }
   }
-  double s = _mm512_reduce_add_pd(sum);
-  for (; j < n; ++j) {
-    const float v = y[j] - base;
-    out[k] = v;
-    const bool in = v > bound;
-    s += in ? static_cast<double>(v) : 0.0;
-    k += in ? 1 : 0;
-  }
-  if (total != nullptr) *total = static_cast<float>(s) - 4 * std::numeric_limits<float>::epsilon() * static_cast<float>(k);
+  double sum = _mm512_reduce_add_pd(acc);
+  k = keep_above_scalar(y + j, n - j, base, bound, out, k, &sum);
+  rounded_total(sum, k, total);
   return k;
 }
 #endif
@@ -505,7 +510,7 @@ inline T weights(Map map, const T* xi, T* pi, int64_t n, T shift, T tau, bool ex
 template <typename T>
 int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_rows, double alpha_f, double tol,
             int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  std::vector<T> cand(n >= COMPACT[0] || n >= COMPACT[1] || n >= COMPACT[2] ? GROUP * (n + LANES) : 0);
+  std::vector<T> cand(n >= COMPACT_MIN ? GROUP * (n + LANES) : 0);
   for (int64_t i0 = 0; i0 < rows; i0 += GROUP) {  // groups of rows; each map's rows searched together
     const int size = static_cast<int>(rows - i0 < GROUP ? rows - i0 : GROUP);
     T total[GROUP], alpha[GROUP];
