@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--maps", action="store_true", help="also the maps on materialised scores")
     parser.add_argument("--pkg", action="store_true", help="also the entmax package")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory columns")
-    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native", "rows"],
                         help="also the sparse cores on the kernels of this path (default: torch)")
     parser.add_argument("--sweep-chunk", nargs="*", type=int, default=None,
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")

@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hopfield", nargs="+", default=["generalized", "dense"], choices=list(KINDS),
                         help="STanHop-Net variants (generalized = the paper's GSH)")
-    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native", "rows"],
                         help="also each variant on the sparse kernels of this path (set_kernel_path; default: torch)")
     args = parser.parse_args()
     if args.threads:

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["softmax", "sparsemax", "entmax15", "learnable alpha"],
                         choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also torch.compile each model")
-    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native"],
+    parser.add_argument("--ab", nargs="?", const="torch", default=None, choices=["torch", "reference", "native", "rows"],
                         help="also each sparse variant on the kernels of this path (default: torch)")
     add_stat_option(parser)
     args = parser.parse_args()

@@ -1,7 +1,8 @@
-"""The fused C++ row kernels of the sparse attention core (`hopformer/functional/_native`): agreement with the
+"""The fused C++ kernels of the sparse attention core (`hopformer/functional/_native`): agreement with the
 torch-op kernels in float32 and float64 (masks, all -inf rows, per-row alpha with alpha = 2 rows, long and
-length-1 rows), the errors on NaN / +inf scores, worker-count invariance, and the build: the cache folder,
-and the fallback to the torch-op kernels (with one warning) when no compiler is found."""
+length-1 rows), the tile kernels (short rows, 16 a vector) against the row kernels, the errors on NaN / +inf
+scores, worker-count invariance, and the build: the cache folder, and the fallback to the torch-op kernels
+(with one warning) when no compiler is found."""
 
 from __future__ import annotations
 
@@ -111,6 +112,112 @@ def test_native_same_result_for_any_number_of_workers(separation, restore_path):
         results.append(run_on_path("native", q, k, v, _separation(separation, torch.float32)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- the tile kernels
+# Rows of fewer than _TILE_MAX keys: blocks computed transposed, 16 rows a vector (`_native/tiles.cpp`). The
+# "rows" path runs the same C++ maps one row at a time: the two agree to rounding.
+
+TILE_SHAPES = [(65, 65), (16, 7), (33, 130), (3, 255), (40, 1)]  # a one-lane tail, full tiles, long tiles, m = 1
+
+
+@needs_native
+@pytest.mark.parametrize("separation", SEPARATIONS)
+@pytest.mark.parametrize("n,m", TILE_SHAPES)
+def test_tiles_match_rows_float64(separation, n, m, restore_path):
+    q, k, v = qkv(2, 4, n, m)
+    mask = torch.rand(n, m, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[0] = False  # an all -inf row
+    for msk in (None, mask):
+        ref = run_on_path("rows", q, k, v, _separation(separation, torch.float64), msk)
+        new = run_on_path("native", q, k, v, _separation(separation, torch.float64), msk)
+        for a, b in zip(new, ref):
+            assert torch.isfinite(a).all()
+            assert (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max().item())
+        assert torch.equal(new[0] == 0, ref[0] == 0)
+
+
+@needs_native
+@pytest.mark.parametrize("kind,alpha,per_row", [("sparsemax", 2.0, False), ("entmax", 1.5, False),
+                                                ("entmax", 1.3, False), ("entmax", 1.3, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tile_kernels_match_row_kernels(kind, alpha, per_row, dtype):
+    """The C++ calls themselves, every map in both directions (the attention core takes the tile backward for
+    a general alpha only): weights, thresholds, d loss / d scores and d loss / d alpha of transposed blocks
+    equal the row kernels' on the same rows, with -inf entries, an all -inf row and a one-lane tail."""
+    gen = torch.Generator().manual_seed(6)
+    groups, n, m = 3, 33, 40
+    x = (torch.randn(groups, n, m, generator=gen) * 3).to(dtype)
+    x[torch.rand(groups, n, m, generator=gen) < 0.3] = float("-inf")
+    x[0, 0] = float("-inf")
+    rows = groups * n
+    alpha_rows = (torch.rand(rows, generator=gen) * 0.8 + 1.1).to(dtype) if per_row else None
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    stats_r, stats_t = ([torch.empty(rows, dtype=dtype) for _ in range(3)] for _ in range(2))
+    x_r = x.reshape(rows, m).clone()
+    _native.forward(x_r, x_r, kind, alpha_rows, alpha, tol, 50, *stats_r)
+    x_t = x.transpose(1, 2).contiguous()
+    _native.forward_tiles(x_t, kind, alpha_rows, alpha, tol, 50, *stats_t)
+    eps = 1e-6 if dtype == torch.float32 else 1e-13
+    assert (x_t.transpose(1, 2).reshape(rows, m) - x_r).abs().max() <= eps
+    assert (stats_t[0] - stats_r[0]).abs().max() <= eps  # thresholds
+    g = torch.randn(rows, m, generator=gen).to(dtype)
+    grads = []
+    for tiles, stats in ((False, stats_r), (True, stats_t)):
+        ds = torch.empty(rows, m, dtype=dtype)
+        da = torch.empty(rows, dtype=dtype) if per_row else None
+        if tiles:
+            x_b, g_b, ds_b = (t.view(groups, n, m).transpose(1, 2).contiguous() for t in (x.reshape(rows, m), g, ds))
+            _native.backward_tiles(x_b, g_b, ds_b, kind, alpha_rows, alpha, *stats, da)
+            ds = ds_b.transpose(1, 2).reshape(rows, m)
+        else:
+            _native.backward(x.reshape(rows, m).clone(), g, ds, kind, alpha_rows, alpha, *stats, da)
+        grads.append((ds, da))
+    assert (grads[0][0] - grads[1][0]).abs().max() <= 10 * eps
+    if per_row:
+        assert (grads[0][1] - grads[1][1]).abs().max() <= 1e-3 * grads[0][1].abs().max() + eps
+
+
+@needs_native
+def test_tiles_cover_row_slices_of_one_group(restore_path):
+    """Many queries on few keys: a group's rows split over blocks of whole tiles; the additive mask is scaled
+    by a per-row (per-head) alpha - 1 on the transposed scores."""
+    q, k, v = qkv(1, 2, 4500, 60, d=4)
+    alpha = torch.tensor([1.3, 1.7], dtype=torch.float64).reshape(2, 1, 1).requires_grad_(True)
+    mask = torch.randn(4500, 60, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask[:, :5] = float("-inf")
+    ref = run_on_path("rows", q, k, v, alpha, mask)
+    new = run_on_path("native", q, k, v, alpha, mask)
+    for a, b in zip(new, ref):
+        assert (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("separation", SEPARATIONS)
+@pytest.mark.parametrize("m,scale", [(65, 1.5), (200, 0.05), (9, 3.0)])
+def test_tiles_float32_as_close_to_float64_as_torch(separation, m, scale, restore_path):
+    q, k, v = qkv(2, 4, 65, m, scale=scale)
+    mask = torch.rand(65, m, generator=torch.Generator().manual_seed(5)) > 0.2
+    truth = run_on_path("torch", q, k, v, _separation(separation, torch.float64), mask)
+    assert_float32_no_worse("native", "torch", q, k, v, _separation(separation, torch.float32), truth, mask)
+
+
+@needs_native
+@pytest.mark.parametrize("separation", [1.3, "per_head"])
+def test_short_general_rows_take_the_tiles(separation, restore_path, monkeypatch):
+    """General-alpha rows shorter than _NATIVE_MIN_GENERAL: the tile kernels on "auto" (the row kernels keep
+    the torch-op kernels there), same results."""
+    import hopformer.functional._native as native_module
+
+    calls = []
+    original = native_module.forward_tiles
+    monkeypatch.setattr(native_module, "forward_tiles", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k, v = qkv(2, 4, 16, 8)
+    ref = run_on_path("torch", q, k, v, _separation(separation, torch.float64))
+    new = run_on_path("auto", q, k, v, _separation(separation, torch.float64))
+    assert calls, "the tile kernels did not run"
+    for a, b in zip(new, ref):
+        assert (a - b).abs().max() <= 1e-9 * max(1.0, b.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- the build

@@ -28,6 +28,7 @@ from hopformer.functional._separation_kernels import (
     _entmax_rows,
     _entmax_weights_and_gppr,
     _native_kernels,
+    get_kernel_path,
     _parallel,
     _reference,
     _row_max,
@@ -46,9 +47,13 @@ _MIN_BLOCK_ROWS = 256
 _MAX_BLOCK_ELEMS = 1 << 21
 _MIN_UNITS = 8  # backward: below this many group units, each unit is split into pieces
 _PIECES = 4
+# Rows of fewer than _TILE_MAX keys go through the tile kernels (`_native/tiles.cpp`): the block is computed
+# transposed (`k q^T`, keys x queries) and _LANES rows are separated together, one per vector lane.
+_TILE_MAX = 256
+_LANES = 16
 
 
-def _block_rows(groups: int, n: int, m: int, device: torch.device) -> Tuple[int, int]:
+def _block_rows(groups: int, n: int, m: int, device: torch.device, lanes: int = 1) -> Tuple[int, int]:
     """`(groups per block, rows per block)`: whole groups per block when a group's `n x m` scores fit
     in `_CHUNK_ELEMS` (the number of blocks rounded, so sizes are balanced and no tiny last block
     pays a whole block's fixed cost: at most 1.5x `_CHUNK_ELEMS` scores), else row slices of one group
@@ -57,8 +62,8 @@ def _block_rows(groups: int, n: int, m: int, device: torch.device) -> Tuple[int,
     per = max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // m)
     if device.type == "cpu" and m >= _LONG_ROW and not _reference():
         per = max(per, min(_MIN_BLOCK_ROWS, _MAX_BLOCK_ELEMS // m))
-    if per < n:
-        return 1, per
+    if per < n:  # row slices: whole tiles of `lanes` rows
+        return 1, max(lanes, per // lanes * lanes)
     step = max(1, per // n)
     if not _reference():
         count = max(1, round(groups / step))
@@ -66,9 +71,9 @@ def _block_rows(groups: int, n: int, m: int, device: torch.device) -> Tuple[int,
     return step, n
 
 
-def _blocks(groups: int, n: int, m: int, device: torch.device) -> Iterator[Tuple[slice, slice]]:
+def _blocks(groups: int, n: int, m: int, device: torch.device, lanes: int = 1) -> Iterator[Tuple[slice, slice]]:
     """(group slice, row slice) blocks of about `_CHUNK_ELEMS` scores each (see `_block_rows`)."""
-    step, per = _block_rows(groups, n, m, device)
+    step, per = _block_rows(groups, n, m, device, lanes)
     if per >= n:
         for g in range(0, groups, step):
             yield slice(g, min(groups, g + step)), slice(0, n)
@@ -88,7 +93,13 @@ def _rows_of(t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.
 def _row_kernels(q: Tensor, m: int, kind: str, a_t: Optional[Tensor], alpha_f: float):
     """The fused C++ row kernels for a call on rows of `m` scores, or None for the torch-op kernels
     (`_native_kernels`: a general alpha is any alpha but sparsemax and a float 1.5)."""
-    return _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5))
+    return _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5),
+                           tiles=m < _TILE_MAX)
+
+
+def _use_tiles(native, m: int) -> bool:
+    """Whether rows of `m` scores go through the tile kernels (see `_TILE_MAX`)."""
+    return native is not None and m < _TILE_MAX and get_kernel_path() != "rows"
 
 
 @torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())
@@ -120,10 +131,13 @@ def _forward_op(
     shift = q.new_empty(groups, n, 1)  # row maxima: thresholds are solved for x - max (precision)
     norm = q.new_ones(groups, n, 1)
     alpha = a_t if a_t is not None else alpha_f
+    native = _row_kernels(q, m, kind, a_t, alpha_f)
+    if _use_tiles(native, m):
+        _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm)
+        return out, tau, shift, norm
     qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
-    native = _row_kernels(q, m, kind, a_t, alpha_f)
 
     def job(part):
         ws = _Workspace(q, n, m, 1 if native is not None else 4)  # native: the weights overwrite the scores
@@ -156,6 +170,29 @@ def _forward_op(
     return out, tau, shift, norm
 
 
+def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm) -> None:
+    """`_forward_op` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`."""
+    groups, n, _ = q.shape
+    m = k.shape[1]
+    qs, scale = _scaled_queries(q, beta, a_t if a_t is not None else alpha_f, kind)
+    blocks = list(_blocks(groups, n, m, q.device, _LANES))
+
+    def job(part):
+        ws = _Workspace(q, n, m, 1, _LANES)
+        for i in part:
+            gs, rs = blocks[i]
+            shape = (gs.stop - gs.start, m, rs.stop - rs.start)
+            xt = ws.get(0, shape)
+            torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
+            _add_mask(xt, mask, gs, rs, scale, transposed=True)
+            a_rows = None if a_t is None else _alpha_block(a_t, gs, rs, (shape[0], shape[2])).reshape(-1).contiguous()
+            native.forward_tiles(xt, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
+                                 shift[gs, rs].view(-1), norm[gs, rs].view(-1))
+            torch.bmm(xt.transpose(1, 2), v[gs], out=out[gs, rs])
+
+    _parallel(job, len(blocks), q.device)
+
+
 @_forward_op.register_fake
 def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
     groups, n, _ = q.shape
@@ -184,14 +221,18 @@ def _backward_op(
     Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds."""
     groups, n, _ = q.shape
     m = k.shape[1]
-    g_out = g_out.contiguous()
     need_alpha = a_t is not None and need_alpha
     alpha = a_t if a_t is not None else alpha_f
+    native = _row_kernels(q, m, kind, a_t, alpha_f)
+    # the tile backward for a general alpha (its powers run 16 rows a vector); sparsemax and 1.5-entmax rows
+    # have no powers to take and their row backward streams through the block faster (0.75x the tiles' time)
+    tiles = _use_tiles(native, m) and kind == "entmax" and (a_t is not None or alpha_f != 1.5)
+    lanes = _LANES if tiles else 1
     qs, scale = _scaled_queries(q, beta, alpha, kind)
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
-    blocks = list(_blocks(groups, n, m, q.device))
-    native = _row_kernels(q, m, kind, a_t, alpha_f)
+    blocks = list(_blocks(groups, n, m, q.device, lanes))
+    g_out = g_out.contiguous()
 
     items = _units(blocks)
     owned = [True] * len(items)  # whether an item owns its groups (else: a piece with a private sum)
@@ -207,7 +248,7 @@ def _backward_op(
         """Per item (consecutive blocks of one set of groups): writes its rows of dq and sums its
         share of dk, dv, dalpha; items own their groups (or, pieces, a private sum), so the
         result does not depend on the number of workers nor on who ran which item."""
-        ws = _Workspace(q, n, m, 4)
+        ws = _Workspace(q, n, m, 4, lanes)
         for u in part:
             gs = items[u][0][0]
             if not owned[u]:  # dk, dv: written by the first block (no zero fill of fresh memory)
@@ -218,6 +259,10 @@ def _backward_op(
                 gk, gv = dk[gs], dv[gs]
                 ga = dalpha[gs].zero_() if need_alpha else None
             for b, (gs, rs) in enumerate(items[u]):
+                if tiles:
+                    _backward_tile_block(native, ws, b, gs, rs, m, q, k, v, qs, g_out, mask, scale, kind, a_t, alpha_f,
+                                         (tau, shift, norm), need_alpha, dq, gk, gv, ga)
+                    continue
                 shape = (gs.stop - gs.start, rs.stop - rs.start, m)
                 x = ws.get(0, shape)
                 torch.bmm(qs[gs, rs], k_t[gs], out=x)
@@ -277,6 +322,35 @@ def _backward_op(
     # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group; dq and dk take their beta in place
     dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if need_beta else q.new_empty(0)
     return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
+
+
+def _backward_tile_block(native, ws, b, gs, rs, m, q, k, v, qs, g_out, mask, scale, kind, a_t, alpha_f, stats,
+                         need_alpha, dq, gk, gv, ga) -> None:
+    """One block of `_backward_op` on the tile kernels: writes its rows of `dq`, adds (or, first block `b == 0`,
+    writes) its share of `gk`, `gv`, `ga`."""
+    shape = (gs.stop - gs.start, m, rs.stop - rs.start)
+    xt = ws.get(0, shape)
+    torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
+    _add_mask(xt, mask, gs, rs, scale, transposed=True)
+    dpt = ws.get(1, shape)
+    torch.bmm(v[gs], g_out[gs, rs].transpose(1, 2), out=dpt)  # d loss / d p, transposed
+    dst = ws.get(2, shape)
+    a_rows = _alpha_block(a_t, gs, rs, (shape[0], shape[2])).reshape(-1).contiguous() if a_t is not None else None
+    da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
+    native.backward_tiles(xt, dpt, dst, kind, a_rows, alpha_f, *(t[gs, rs].view(-1) for t in stats), da)
+    if need_alpha:
+        da = da.view(shape[0], shape[2], 1)
+        if a_t.shape[1] == 1:
+            ga += da.sum(dim=1, keepdim=True)
+        else:
+            ga[:, rs] += da
+    torch.bmm(dst.transpose(1, 2), k[gs], out=dq[gs, rs])
+    if b == 0:
+        torch.bmm(xt, g_out[gs, rs], out=gv)  # xt: the weights, transposed
+        torch.bmm(dst, q[gs, rs], out=gk)  # times beta at the end
+    else:
+        gv.baddbmm_(xt, g_out[gs, rs])
+        gk.baddbmm_(dst, q[gs, rs])
 
 
 @_backward_op.register_fake
@@ -339,8 +413,8 @@ def _split(unit: List[Tuple[slice, slice]], pieces: int) -> List[List[Tuple[slic
 class _Workspace:
     """`count` flat buffers of one block's size, reused by every block (no per-block allocation)."""
 
-    def __init__(self, like: torch.Tensor, n: int, m: int, count: int):
-        step, per = _block_rows(like.shape[0], n, m, like.device)
+    def __init__(self, like: torch.Tensor, n: int, m: int, count: int, lanes: int = 1):
+        step, per = _block_rows(like.shape[0], n, m, like.device, lanes)
         size = min(step * per * m, like.shape[0] * n * m)
         self.bufs = [like.new_empty(size) for _ in range(count)]
 
@@ -355,18 +429,21 @@ def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice, shape) -> torch.Tensor
     return _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
 
 
-def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice, scale=None) -> torch.Tensor:
-    """Apply a block of `mask` to the scores `x`, an additive mask multiplied by `scale` (alpha - 1)."""
+def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice, scale=None,
+              transposed: bool = False) -> torch.Tensor:
+    """Apply a block of `mask` to the scores `x`, an additive mask multiplied by `scale` (alpha - 1);
+    `transposed`: `x` holds the block's scores transposed (keys x queries)."""
     if mask is None:
         return x
     block = _rows_of(mask, gs, rs)
+    flip = (lambda t: t.transpose(1, 2)) if transposed else (lambda t: t)  # noqa: E731
     if block.dtype == torch.bool:
-        return x.masked_fill_(~block, float("-inf"))
+        return x.masked_fill_(~flip(block), float("-inf"))
     if scale is None:
-        return x.add_(block)
+        return x.add_(flip(block))
     if isinstance(scale, float):
-        return x.add_(block, alpha=scale)
-    return x.addcmul_(block, _rows_of(scale, gs, rs))
+        return x.add_(flip(block), alpha=scale)
+    return x.addcmul_(flip(block), flip(_rows_of(scale, gs, rs)))
 
 
 def _groups(t: torch.Tensor, lead: List[int], tail: Tuple[int, ...]) -> torch.Tensor:

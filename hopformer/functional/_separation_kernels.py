@@ -50,7 +50,7 @@ _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_KEY: Tuple[int, int] = (0, 0)
 _POOL_LOCK = threading.Lock()
 _NUM_WORKERS: Optional[int] = None  # None: follow torch.get_num_threads()
-_KERNEL_PATHS = ("auto", "native", "torch", "reference")
+_KERNEL_PATHS = ("auto", "native", "rows", "torch", "reference")
 _KERNEL_PATH: Optional[str] = None  # None: the environment variable HOPFORMER_KERNEL_PATH, else "auto"
 
 
@@ -84,15 +84,16 @@ def set_num_workers(n: Optional[int]) -> None:
 def set_kernel_path(path: Optional[str]) -> None:
     """Choose the CPU kernels of the sparse attention core (for A/B measurements and tests).
 
-    `"auto"` (default): the fused C++ row kernels (`hopformer/functional/_native`, built with the
-    system's C++ compiler at first use and cached; general-alpha rows shorter than 32 entries keep the
-    torch-op kernels, faster there), else, when they cannot be built, the torch-op kernels (with one
-    warning saying why); `"native"`: the C++ kernels or an error; `"torch"`: the
-    torch-op kernels; `"reference"`: the torch-op kernels as they were before the small-sequence work
-    of issue 14 (`torch.pow` / `torch.xlogy` on whole blocks, blocks cut at the block size with a
-    possibly tiny last block, a second row maximum per block). All give the same results to float
-    rounding. `None` goes back to the environment variable `HOPFORMER_KERNEL_PATH` (read at each
-    call), else `"auto"`.
+    `"auto"` (default): the fused C++ kernels (`hopformer/functional/_native`, built with the system's
+    C++ compiler at first use and cached): the tile kernels for rows of fewer than 256 keys (16 rows a
+    vector), the row kernels for longer rows (general-alpha rows shorter than 32 entries off the tiles keep
+    the torch-op kernels, faster there), else, when they cannot be built, the torch-op kernels (with one
+    warning saying why); `"native"`: the C++ kernels or an error; `"rows"`: as "auto" without the tile
+    kernels (every row on its own, as before them); `"torch"`: the torch-op kernels; `"reference"`: the
+    torch-op kernels as they were before the small-sequence work of issue 14 (`torch.pow` / `torch.xlogy`
+    on whole blocks, blocks cut at the block size with a possibly tiny last block, a second row maximum per
+    block). All give the same results to float rounding. `None` goes back to the environment variable
+    `HOPFORMER_KERNEL_PATH` (read at each call), else `"auto"`.
     """
     global _KERNEL_PATH
     if path is not None and path not in _KERNEL_PATHS:
@@ -120,19 +121,21 @@ _WARNED_NATIVE = False
 _NATIVE_MIN_GENERAL = 32  # general-alpha rows shorter than this: the torch-op kernels (see below)
 
 
-def _native_kernels(device: torch.device, row_len: int = 1 << 30, general: bool = False):
+def _native_kernels(device: torch.device, row_len: int = 1 << 30, general: bool = False, tiles: bool = False):
     """The fused C++ kernels (module `hopformer.functional._native`) when the kernel path and the
     device allow them and they load, else None (the torch-op kernels).
 
     With the default path "auto", rows of a general alpha (not sparsemax, not a float 1.5) shorter than
     `_NATIVE_MIN_GENERAL` stay on the torch-op kernels: there each C++ row pays its fixed cost (powers
     and reductions on a vector of 16 lanes for a few entries) and the torch ops, spread over many short
-    rows, were 15-30% faster (rows of 7 and 16; faster from 32 on; docs/performance.md)."""
+    rows, were 15-30% faster (rows of 7 and 16; faster from 32 on; docs/performance.md). Callers that
+    run such rows on the tile kernels (`tiles=True`, 16 rows a vector) take the C++ kernels there too:
+    0.65-0.79x the torch ops' time at rows of 8-24."""
     global _WARNED_NATIVE
     path = get_kernel_path()
     if device.type != "cpu" or path in ("torch", "reference"):
         return None
-    if path == "auto" and general and row_len < _NATIVE_MIN_GENERAL:
+    if general and row_len < _NATIVE_MIN_GENERAL and (path == "rows" or (path == "auto" and not tiles)):
         return None
     from hopformer.functional import _native
 

@@ -1,4 +1,5 @@
-"""The fused C++ row kernels of the sparse attention core (`separation.cpp`), built at first use.
+"""The fused C++ kernels of the sparse attention core, built at first use: `separation.cpp` (rows),
+`tiles.cpp` (short rows, transposed, 16 rows at a time) and their shared `vectors.h`.
 
 The source is plain C++ (no torch headers), so a build takes about a second with any C++17 compiler
 (`$CXX`, else `c++`, `g++` or `clang++` on the PATH). The library is cached under
@@ -23,12 +24,13 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("separation.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("separation.cpp", "tiles.cpp")]
+HEADERS = [Path(__file__).with_name("vectors.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
 ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
 KINDS = {"sparsemax": 0, "entmax": 1}
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
@@ -74,7 +76,7 @@ def _compile(cxx: str, target: Path) -> None:
     for arch in ARCH_FLAGS:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [cxx, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
+        cmd = [cxx, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -98,6 +100,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd = getattr(lib, f"hop_backward_{suffix}")
         bwd.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr]
         bwd.restype = i32
+        fwd_t = getattr(lib, f"hop_forward_tiles_{suffix}")
+        fwd_t.argtypes = [ptr, i64, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr]
+        fwd_t.restype = i32
+        bwd_t = getattr(lib, f"hop_backward_tiles_{suffix}")
+        bwd_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr]
+        bwd_t.restype = i32
     lib.hop_abi_version.restype = i32
     if lib.hop_abi_version() != ABI_VERSION:
         raise RuntimeError(f"stale library: ABI {lib.hop_abi_version()}, expected {ABI_VERSION}")
@@ -118,8 +126,8 @@ def load() -> Optional[ctypes.CDLL]:
                 raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
             version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
             key = hashlib.sha256(
-                b"\0".join([SOURCE.read_bytes(), repr((FLAGS, ARCH_FLAGS)).encode(), version.encode(),
-                            _cpu_key().encode()])
+                b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS), repr((FLAGS, ARCH_FLAGS)).encode(),
+                            version.encode(), _cpu_key().encode()])
             ).hexdigest()[:16]
             target = cache_dir() / f"separation-{key}.so"
             if not target.exists():
@@ -181,3 +189,30 @@ def backward(x: torch.Tensor, g: torch.Tensor, ds: torch.Tensor, kind: str, alph
     rows, n = x.shape
     getattr(lib, f"hop_backward_{suffix}")(_ptr(x), _ptr(g), _ptr(ds), rows, n, KINDS[kind], _ptr(alpha_rows),
                                            float(alpha), _ptr(tau), _ptr(shift), _ptr(norm), _ptr(dalpha))
+
+
+def forward_tiles(xt: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor], alpha: float, tol: float,
+                  max_iter: int, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor) -> None:
+    """`forward` on transposed rows: `xt` `(G, m, n)` holds entry j of row i of group g at `[g, j, i]` and is
+    overwritten with the weights (same layout); per row (`g n + i`) `tau`, `shift`, `norm` (see `tiles.cpp`)."""
+    lib = load()
+    suffix = _check(xt.dtype, xt, alpha_rows, tau, shift, norm)
+    groups, m, n = xt.shape
+    status = getattr(lib, f"hop_forward_tiles_{suffix}")(_ptr(xt), groups, m, n, KINDS[kind], _ptr(alpha_rows),
+                                                         float(alpha), float(tol), int(max_iter), _ptr(tau),
+                                                         _ptr(shift), _ptr(norm))
+    if status != 0:
+        raise ValueError("scores contain NaN or +inf: the separation maps need finite scores or -inf")
+
+
+def backward_tiles(xt: torch.Tensor, gt: torch.Tensor, dst: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor],
+                   alpha: float, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor,
+                   dalpha: Optional[torch.Tensor]) -> None:
+    """`backward` on transposed rows `(G, m, n)` (as `forward_tiles`): `xt` the scores (overwritten with the
+    weights), `gt` d loss / d p; writes `dst` = d loss / d x and, when given, `dalpha` per row."""
+    lib = load()
+    suffix = _check(xt.dtype, xt, gt, dst, alpha_rows, tau, shift, norm, dalpha)
+    groups, m, n = xt.shape
+    getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, KINDS[kind],
+                                                 _ptr(alpha_rows), float(alpha), _ptr(tau), _ptr(shift), _ptr(norm),
+                                                 _ptr(dalpha))

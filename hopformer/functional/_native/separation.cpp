@@ -17,126 +17,13 @@
 //
 // Return value of the forward: 0 on success, 1 if a row holds NaN or +inf (the caller raises).
 
-#include <cmath>
-#include <cstdint>
-#include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vectors.h"
 
 namespace {
 
-constexpr int SPARSEMAX = 0;
-
-template <typename T>
-constexpr T inf() {
-  return std::numeric_limits<T>::infinity();
-}
-
-// ---------------------------------------------------------------- powers and logarithms of a row
-// Float rows: 16 lanes at a time with GCC/clang vector extensions (lowered to AVX-512, AVX2 or SSE),
-// log2 and exp2 by polynomials (a few ulps, like the exp-log power of the torch-op kernels): libm's
-// scalar logf/expf made general-alpha rows 5-10x slower, and the auto-vectoriser kept the loops scalar.
-// Double rows (tests, gradcheck): libm, one entry at a time.
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int64_t LANES = 16;
-
-inline vf splat(float v) { return vf{} + v; }
-
-inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }  // a blend (the bitwise and/or form was 2x slower)
-
-inline bool any(vi mask) {  // whether a lane of a comparison's mask is set
-#if defined(__AVX512F__)
-  __m512i m;
-  __builtin_memcpy(&m, &mask, sizeof(m));
-  return _mm512_test_epi32_mask(m, m) != 0;
-#else
-  int32_t acc = 0;
-  for (int j = 0; j < LANES; ++j) acc |= mask[j];
-  return acc != 0;
-#endif
-}
-
-inline vf log2_pos(vf x) {  // x positive normal floats
-  const vi bits = (vi)x;
-  vi e = ((bits >> 23) & 255) - 127;
-  vf m = (vf)((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
-  const vi high = m > splat(1.41421356f);
-  m = select(high, m * 0.5f, m);  // [0.71, 1.41]
-  e = e - high;  // high is -1 where true
-  const vf t = (m - 1.0f) / (m + 1.0f), t2 = t * t;  // ln m = 2 atanh t, |t| <= 0.172
-  const vf ln_m = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
-  return __builtin_convertvector(e, vf) + ln_m * 1.44269504f;
-}
-
-inline vf exp2_clamped(vf x) {  // 2^x for x in [-126, 127] (clamped)
-  x = select(x < splat(-126.0f), splat(-126.0f), x);
-  x = select(x > splat(127.0f), splat(127.0f), x);
-  const vf fn = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vf f = (x - fn) * 0.693147181f;  // 2^(x - n) = e^f, |f| <= 0.347
-  const vf poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
-                  f * (1.0f / 720 + f * (1.0f / 5040)))))));
-  return poly * (vf)((__builtin_convertvector(fn, vi) + 127) << 23);
-}
-
-// r^y for r > 0 (r clamped to the smallest normal number), 0 for r <= 0: the one power of every kernel.
-inline vf pow_pos(vf r, float y) {
-  const vf tiny = splat(std::numeric_limits<float>::min());
-  return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
-}
-
-inline double pow_pos(double r, double y) {
-  const double tiny = std::numeric_limits<double>::min();
-  return r > 0.0 ? std::exp(y * std::log(r > tiny ? r : tiny)) : 0.0;
-}
-
-inline float pow_scalar(float r, float y) { return pow_pos(splat(r), y)[0]; }  // per-row quantities
-
-inline double pow_scalar(double r, double y) { return pow_pos(r, y); }
-
-// The sum of a vector's lanes, in double, as a tree (a serial sum of 16 lanes was a long dependency chain).
-#if defined(__clang__) || __GNUC__ >= 12
-typedef double vd __attribute__((vector_size(64)));
-
-inline double lane_sum(vf v) {
-  const vd c = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd) +
-               __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
-  return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7]));
-}
-#else
-inline double lane_sum(vf v) {
-  double h[8];
-  for (int j = 0; j < 8; ++j) h[j] = static_cast<double>(v[j]) + static_cast<double>(v[j + 8]);
-  return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
-}
-#endif
-
-// Loads / stores of a chunk of up to LANES floats (a short tail through a zero-padded copy).
-inline vf load(const float* x, int64_t len) {
-  vf v;
-  if (len == LANES) {
-    __builtin_memcpy(&v, x, sizeof(vf));
-  } else {
-    float tmp[LANES] = {};
-    for (int64_t j = 0; j < len; ++j) tmp[j] = x[j];
-    __builtin_memcpy(&v, tmp, sizeof(vf));
-  }
-  return v;
-}
-
-inline void store(float* out, vf v, int64_t len) {
-  if (len == LANES) {
-    __builtin_memcpy(out, &v, sizeof(vf));
-  } else {
-    float tmp[LANES];
-    __builtin_memcpy(tmp, &v, sizeof(vf));
-    for (int64_t j = 0; j < len; ++j) out[j] = tmp[j];
-  }
-}
+using namespace hop;
 
 // Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+ (the subtraction in this order everywhere:
 // forward and backward see the same r), and, when `out` is given, r^e into out (`r_em1` instead: r^(e-1)).
@@ -263,7 +150,6 @@ inline int64_t keep_above<float>(const float* y, int64_t n, float base, float bo
 // ---------------------------------------------------------------- thresholds
 // Which map a row takes: sparsemax (also alpha = 2 rows of a per-row alpha), the exact 1.5-entmax (a float
 // alpha of 1.5), or the general alpha-entmax.
-enum class Map { sparsemax, entmax15, general };
 
 template <typename T>
 inline Map row_map(int kind, T alpha, bool per_row_alpha) {
@@ -673,6 +559,6 @@ int hop_backward_f64(double* x, const double* g, double* ds, int64_t rows, int64
   return 0;
 }
 
-int hop_abi_version() { return 1; }
+int hop_abi_version() { return 2; }
 
 }  // extern "C"

@@ -1,0 +1,453 @@
+// Tile kernels of the sparse attention core: short rows, LANES rows at a time, one row per vector lane.
+//
+// A block of scores arrives transposed, xt (G, m, n): entry j (a key) of row i (a query) of group g at
+// xt[(g m + j) n + i], as the matmul k q^T writes it. LANES consecutive rows of a group are one tile: every
+// pass over the rows is m vector operations with no horizontal sum, and the threshold searches of the
+// tile's rows run in lockstep (a lane whose search has ended keeps its threshold while the others go on).
+// On rows of 65 scores, the row kernels' passes were short (four vectors and a one-entry tail, then a
+// horizontal sum and a division whose result the next pass waits for); here they are long and independent.
+// The maps, searches and formulas are those of separation.cpp (same papers), per lane:
+//   sparsemax (Martins & Astudillo 2016): Michelot's support iteration from the mean bound;
+//   1.5-entmax (Peters et al. 2019, Alg. 2): Newton from the left with the support's closed form;
+//   alpha-entmax (Peters et al. 2019; per-row alpha, Correia et al. 2019): Newton from the left on
+//   ||(y - tau)_+||_e = 1.
+// The searches' sums run in T, one lane's over the whole row (the row kernels' over 16 lanes each), so the
+// weights of both entmax maps are renormalised by a sum taken in double (float32 rows as close to the
+// float64 result as the row kernels'). A tile whose rows have a tensor alpha takes the general map on every
+// lane (alpha = 2 is sparsemax there: r^0 = 1 on the support). Backward: eq. 10 of Peters et al. 2019 and,
+// for alpha, Correia et al. 2019, eq. 12-14, from the saved (shift, tau, norm), as in separation.cpp (the
+// attention core takes it for a general alpha; sparsemax and 1.5-entmax rows go back to the row backward).
+
+#include <vector>
+
+#include "vectors.h"
+
+namespace {
+
+using namespace hop;
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(LANES * sizeof(T))));
+};
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+struct VecU {  // the same vector at any address of a T (unaligned loads and stores)
+  typedef T type __attribute__((vector_size(LANES * sizeof(T)), aligned(sizeof(T))));
+};
+typedef double vd16 __attribute__((vector_size(LANES * sizeof(double))));
+
+constexpr int U = 4;  // independent accumulators per pass (the adds' latency, not their count, bounds a pass)
+
+template <typename T>
+inline V<T> vs(T v) {
+  return V<T>{} + v;
+}
+
+template <typename T, typename M>
+inline V<T> pick(M mask, V<T> a, V<T> b) {
+  return mask ? a : b;
+}
+
+template <typename M>
+inline bool any_lane(M mask) {
+  bool r = false;
+  for (int l = 0; l < LANES; ++l) r |= mask[l] != 0;
+  return r;
+}
+
+inline V<float> vabs(V<float> v) { return (V<float>)((vi)v & 0x7fffffff); }
+
+inline V<double> vabs(V<double> v) {
+  typedef int64_t vl __attribute__((vector_size(LANES * sizeof(double))));
+  return (V<double>)((vl)v & 0x7fffffffffffffffLL);
+}
+
+template <typename T>
+inline V<T> vmin(V<T> a, V<T> b) {
+  return a < b ? a : b;
+}
+
+template <typename T>
+inline V<T> vmax(V<T> a, V<T> b) {
+  return a > b ? a : b;
+}
+
+inline V<float> vsqrt(V<float> v) {
+#if defined(__AVX512F__)
+  return (V<float>)_mm512_sqrt_ps((__m512)v);
+#else
+  for (int l = 0; l < LANES; ++l) v[l] = std::sqrt(v[l]);
+  return v;
+#endif
+}
+
+inline V<double> vsqrt(V<double> v) {
+  for (int l = 0; l < LANES; ++l) v[l] = std::sqrt(v[l]);
+  return v;
+}
+
+// r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h; double: libm).
+inline V<float> vpow(V<float> r, V<float> y) {
+  const vf tiny = splat(std::numeric_limits<float>::min());
+  return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
+}
+
+inline V<double> vpow(V<double> r, V<double> y) {
+  V<double> out;
+  for (int l = 0; l < LANES; ++l) out[l] = pow_pos(r[l], y[l]);
+  return out;
+}
+
+// log p per lane for p > 0, else 0.
+inline V<float> vlog(V<float> p) {
+  const vf tiny = splat(std::numeric_limits<float>::min());
+  return select(p > splat(0.0f), log2_pos(select(p > tiny, p, tiny)) * 0.693147181f, splat(0.0f));
+}
+
+inline V<double> vlog(V<double> p) {
+  V<double> out;
+  for (int l = 0; l < LANES; ++l) out[l] = p[l] > 0.0 ? std::log(p[l]) : 0.0;
+  return out;
+}
+
+template <typename T>
+inline vd16 to_double(V<T> v) {
+  return __builtin_convertvector(v, vd16);
+}
+
+template <typename T>
+inline V<T> load_lanes(const T* x, int w) {  // w < LANES: the other lanes 0
+  if (w == LANES) return *reinterpret_cast<const typename VecU<T>::type*>(x);
+  V<T> v = vs<T>(T(0));
+  for (int l = 0; l < w; ++l) v[l] = x[l];
+  return v;
+}
+
+template <typename T>
+inline void store_lanes(T* out, V<T> v, int w) {
+  if (w == LANES) {
+    *reinterpret_cast<typename VecU<T>::type*>(out) = v;
+  } else {
+    for (int l = 0; l < w; ++l) out[l] = v[l];
+  }
+}
+
+#if defined(__AVX512F__)
+template <>
+inline V<float> load_lanes<float>(const float* x, int w) {  // a tail: one masked load
+  return (V<float>)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << w) - 1u), x);
+}
+
+template <>
+inline void store_lanes<float>(float* out, V<float> v, int w) {
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>(w == LANES ? 0xffffu : (1u << w) - 1u), (__m512)v);
+}
+#endif
+
+// The per-row (per-lane) values of a tile: alpha, or the float alpha on every lane.
+template <typename T>
+inline V<T> lane_alpha(const T* alpha_rows, int w, double alpha_f) {
+  V<T> a = vs<T>(static_cast<T>(alpha_f));
+  if (alpha_rows != nullptr) {
+    for (int l = 0; l < LANES; ++l) a[l] = alpha_rows[l < w ? l : 0];
+  }
+  return a;
+}
+
+// ---------------------------------------------------------------- threshold searches on a tile
+// tile[j] (j < mp, a multiple of U; entries from m on are -inf) holds entry j of the tile's rows; y = tile - shift.
+
+template <typename T>
+V<T> sparsemax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total) {
+  V<T> tau = vmax<T>(vs<T>(T(-1)), (total - T(1)) / static_cast<T>(m));  // -1 for a row with -inf
+  auto live = tau == tau;
+  for (int64_t it = 0; it < m + 2; ++it) {
+    V<T> cnt[U], sum[U], lo[U];
+    for (int u = 0; u < U; ++u) cnt[u] = sum[u] = vs<T>(T(0)), lo[u] = vs<T>(inf<T>());
+    for (int64_t j = 0; j < mp; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const V<T> y = tile[j + u] - shift;
+        const auto in = y > tau;  // the updates below are masked adds and a masked min
+        cnt[u] = pick<T>(in, cnt[u] + T(1), cnt[u]);
+        sum[u] = pick<T>(in, sum[u] + y, sum[u]);
+        lo[u] = pick<T>(in, vmin<T>(lo[u], y), lo[u]);
+      }
+    }
+    const V<T> c = (cnt[0] + cnt[1]) + (cnt[2] + cnt[3]), s = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    const V<T> l = vmin<T>(vmin<T>(lo[0], lo[1]), vmin<T>(lo[2], lo[3]));
+    const auto empty = c == T(0);  // an all -inf row
+    const V<T> next = (s - T(1)) / pick<T>(empty, vs<T>(T(1)), c);  // >= tau (a lower bound), <= tau*
+    const auto exact = next < l;  // the support reproduces itself
+    const auto step = live & ~empty & (next > tau);  // no progress: float rounding
+    tau = pick<T>(step, next, tau);
+    live = step & ~exact;
+    if (!any_lane(live)) break;
+  }
+  return tau;
+}
+
+template <typename T>
+V<T> entmax15_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total, int max_iter) {
+  const T nm = static_cast<T>(m);
+  V<T> tau = vmax<T>(vs<T>(T(-1)), total / nm - T(1) / std::sqrt(nm));
+  auto live = tau == tau;
+  for (int it = 0; it < max_iter; ++it) {
+    V<T> cnt[U], s1[U], f[U], lo[U], hi[U];
+    for (int u = 0; u < U; ++u) {
+      cnt[u] = s1[u] = f[u] = vs<T>(T(0));
+      lo[u] = vs<T>(inf<T>());
+      hi[u] = vs<T>(-inf<T>());
+    }
+    for (int64_t j = 0; j < mp; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const V<T> y = tile[j + u] - shift;
+        const V<T> r = y - tau;
+        const auto in = r > T(0);
+        cnt[u] = pick<T>(in, cnt[u] + T(1), cnt[u]);
+        s1[u] = pick<T>(in, s1[u] + r, s1[u]);
+        f[u] = pick<T>(in, f[u] + r * r, f[u]);
+        lo[u] = pick<T>(in, vmin<T>(lo[u], y), lo[u]);
+        hi[u] = pick<T>(in, hi[u], vmax<T>(hi[u], y));
+      }
+    }
+    const V<T> c = (cnt[0] + cnt[1]) + (cnt[2] + cnt[3]), a = (s1[0] + s1[1]) + (s1[2] + s1[3]);
+    const V<T> b = (f[0] + f[1]) + (f[2] + f[3]);
+    const V<T> l = vmin<T>(vmin<T>(lo[0], lo[1]), vmin<T>(lo[2], lo[3]));
+    const V<T> h = vmax<T>(vmax<T>(hi[0], hi[1]), vmax<T>(hi[2], hi[3]));
+    const auto empty = c == T(0);
+    const V<T> cs = pick<T>(empty, vs<T>(T(1)), c);
+    const V<T> mean = a / cs;
+    const V<T> disc = (T(1) - b) / cs + mean * mean;
+    const V<T> cf = tau + mean - vsqrt(vmax<T>(disc, vs<T>(T(0))));
+    const auto closed = live & ~empty & (disc >= T(0)) & (cf < l) & (h <= cf);
+    tau = pick<T>(closed, cf, tau);
+    const V<T> big_f = vsqrt(b);
+    const V<T> next = tau + (big_f - T(1)) * big_f / pick<T>(empty, vs<T>(T(1)), a);
+    const auto step = live & ~empty & ~closed & (next > tau);
+    tau = pick<T>(step, next, tau);
+    live = step;
+    if (!any_lane(live)) break;
+  }
+  return tau;
+}
+
+template <typename T>
+V<T> entmax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total, V<T> e, T tol, int max_iter) {
+  const V<T> em1 = e - T(1), inv_e = T(1) / e;
+  V<T> tau = vmax<T>(vs<T>(T(-1)), total / static_cast<T>(m) - vpow(vs<T>(static_cast<T>(m)), -inv_e));
+  auto live = tau == tau;
+  for (int it = 0; it < max_iter; ++it) {
+    V<T> s_em1[U], f[U];
+    for (int u = 0; u < U; ++u) s_em1[u] = f[u] = vs<T>(T(0));
+    for (int64_t j = 0; j < mp; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const V<T> r = (tile[j + u] - shift) - tau;
+        const V<T> pw = vpow(r, em1);  // 0 off the support
+        s_em1[u] += pw;
+        f[u] += pw * pick<T>(r > T(0), r, vs<T>(T(0)));
+      }
+    }
+    const V<T> s = (s_em1[0] + s_em1[1]) + (s_em1[2] + s_em1[3]), fr = (f[0] + f[1]) + (f[2] + f[3]);
+    const auto empty = ~(fr > T(0));  // an all -inf row
+    const V<T> fs = pick<T>(empty, vs<T>(T(1)), fr);
+    const V<T> big_f = vpow(fs, inv_e);
+    const V<T> next = tau + (big_f - T(1)) * fs / (big_f * pick<T>(empty, vs<T>(T(1)), s));
+    const auto step = live & ~empty & (next > tau);  // from the left only rightwards: a step back is rounding
+    tau = pick<T>(step, next, tau);
+    const V<T> dev = big_f - T(1);
+    const auto within = pick<T>(dev < T(0), -dev, dev) <= tol;  // that last (quadratic) step: no check after it
+    live = step & ~within;
+    if (!any_lane(live)) break;
+  }
+  return tau;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows, double alpha_f,
+                  double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
+  const int64_t mp = (m + U - 1) / U * U;
+  std::vector<V<T>> tile(mp);
+  const Map map = kind == SPARSEMAX || (alpha_rows == nullptr && alpha_f == 2.0) ? Map::sparsemax
+                  : alpha_rows == nullptr && alpha_f == 1.5                      ? Map::entmax15
+                                                                                 : Map::general;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
+      const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
+      T* base = xt + g * m * n + i0;
+      const int64_t row = g * n + i0;
+      // statistics (and the copy into the tile): maximum, sum, NaN / +inf
+      // (NaN or +inf in a row: its sum is NaN or its maximum +inf; one running sum of finite scores cannot be NaN)
+      V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const V<T> v = load_lanes(base + j * n, w);
+        tile[j] = v;
+        mx = vmax<T>(mx, v);
+        sum += v;
+        abs_sum += vabs(v);
+      }
+      if (any_lane((sum != sum) | (mx == inf<T>()))) return 1;
+      for (int64_t j = m; j < mp; ++j) tile[j] = vs<T>(-inf<T>());
+      const V<T> shift = pick<T>(mx == -inf<T>(), vs<T>(T(0)), mx);
+      const T nt = static_cast<T>(m);
+      const V<T> total = (sum - nt * shift) - 4 * std::numeric_limits<T>::epsilon() * (abs_sum + nt * vabs(shift));
+      const V<T> alpha = lane_alpha(alpha_rows == nullptr ? nullptr : alpha_rows + row, w, alpha_f);
+      const V<T> e = T(1) / (alpha - T(1));
+      V<T> tau;
+      vd16 norm_sum = vd16{} + 0.0;  // in double, as the row kernels' lane sums: the renormalisation's accuracy
+      if (map == Map::sparsemax) tau = sparsemax_tau<T>(tile.data(), m, mp, shift, total);
+      if (map == Map::entmax15) tau = entmax15_tau<T>(tile.data(), m, mp, shift, total, max_iter);
+      if (map == Map::general) tau = entmax_tau<T>(tile.data(), m, mp, shift, total, e, static_cast<T>(tol), max_iter);
+      if (map == Map::sparsemax) {  // normalised already
+        for (int64_t j = 0; j < m; ++j) {
+          const V<T> r = (tile[j] - shift) - tau;
+          store_lanes(base + j * n, pick<T>(r > T(0), r, vs<T>(T(0))), w);
+        }
+        for (int l = 0; l < w; ++l) {
+          tau_out[row + l] = tau[l];
+          shift_out[row + l] = shift[l];
+          norm_out[row + l] = T(1);
+        }
+        continue;
+      }
+      // the weights (before normalisation) into the tile, their sum per row
+      for (int64_t j = 0; j < m; ++j) {
+        const V<T> r = (tile[j] - shift) - tau;
+        const V<T> rp = pick<T>(r > T(0), r, vs<T>(T(0)));
+        const V<T> p = map == Map::sparsemax ? rp : map == Map::entmax15 ? rp * rp : vpow(r, e - T(1)) * rp;
+        tile[j] = p;
+        norm_sum += to_double<T>(p);
+      }
+      V<T> norm = __builtin_convertvector(norm_sum, V<T>);
+      const auto scaled = norm > T(0);  // else (an all -inf row) norm 1
+      const V<T> inv = pick<T>(scaled, T(1) / pick<T>(scaled, norm, vs<T>(T(1))), vs<T>(T(1)));
+      for (int64_t j = 0; j < m; ++j) store_lanes(base + j * n, tile[j] * inv, w);
+      norm = pick<T>(scaled, norm, vs<T>(T(1)));
+      for (int l = 0; l < w; ++l) {
+        tau_out[row + l] = tau[l];
+        shift_out[row + l] = shift[l];
+        norm_out[row + l] = norm[l];
+      }
+    }
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------- backward
+// xt: the scores (as the forward saw them), overwritten with the weights; gt: d loss / d p; dst: d loss / d x
+// (written); dalpha (nullable): d loss / d alpha per row (written). All (G, m, n), transposed like the forward.
+
+// One tile of the backward: LANES rows at x, gg, d + lane (entry j of a row at j * n), w of them real. The
+// weights overwrite x, d gets d loss / d x; returns d loss / d alpha per lane when asked (else 0). Sums of a
+// general alpha in double (A), as the row kernels: (alpha - 1)^-2 amplifies their rounding in d/dalpha.
+template <typename T, typename A, Map M>
+V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m, int64_t n, int w, V<T> shift,
+                   V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
+  const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1);
+  V<T> scale = vs<T>(T(1));  // gppr = r^(e - 1) * scale
+  if (M == Map::entmax15) scale = T(1) / vsqrt(norm);
+  if (M == Map::general) scale = vpow(norm, alpha - T(2));
+  const auto gppr = [&](int64_t j, A& s, A& gs) {  // the weights into x, gppr into d, their sums
+    const V<T> xv = load_lanes(x + j * n, w), gv = load_lanes(gg + j * n, w);
+    const V<T> r = (xv - shift) - tau;
+    const V<T> rp = pick<T>(r > T(0), r, vs<T>(T(0)));
+    V<T> r_em1 = rp;  // entmax15
+    if (M == Map::sparsemax) r_em1 = pick<T>(r > T(0), vs<T>(T(1)), vs<T>(T(0)));
+    if (M == Map::general) r_em1 = vpow(r, em1);
+    const V<T> gp = r_em1 * scale;
+    store_lanes(x + j * n, rp * r_em1 * inv_norm, w);
+    store_lanes(d + j * n, gp, w);
+    s += __builtin_convertvector(gp, A);
+    gs += __builtin_convertvector(gp, A) * __builtin_convertvector(gv, A);
+  };
+  A s[2] = {A{} + 0, A{} + 0}, gs[2] = {A{} + 0, A{} + 0};
+  int64_t j = 0;
+  for (; j + 2 <= m; j += 2) {
+    gppr(j, s[0], gs[0]);
+    gppr(j + 1, s[1], gs[1]);
+  }
+  if (j < m) gppr(j, s[0], gs[0]);
+  const vd16 s_gppr = __builtin_convertvector(s[0] + s[1], vd16), g_gppr = __builtin_convertvector(gs[0] + gs[1], vd16);
+  const vd16 tiny = vd16{} + static_cast<double>(std::numeric_limits<T>::min());
+  const V<T> q = __builtin_convertvector(g_gppr / (s_gppr > tiny ? s_gppr : tiny), V<T>);
+  for (j = 0; j < m; ++j) store_lanes(d + j * n, load_lanes(d + j * n, w) * (load_lanes(gg + j * n, w) - q), w);
+  if (!need_alpha) return vs<T>(T(0));
+  // Correia et al. 2019, eq. 12-14 (see separation.cpp), sums in double
+  vd16 g_p = vd16{} + 0.0, plogp = vd16{} + 0.0, g_plogp = vd16{} + 0.0;
+  for (j = 0; j < m; ++j) {
+    const V<T> pv = load_lanes(x + j * n, w);
+    const vd16 pd = to_double<T>(pv), gd = to_double<T>(load_lanes(gg + j * n, w));
+    const vd16 t = pd * to_double<T>(vlog(pv));
+    g_p += gd * pd;
+    plogp += t;
+    g_plogp += gd * t;
+  }
+  const vd16 am1 = to_double<T>(alpha) - 1.0, qd = to_double<T>(q);
+  return __builtin_convertvector((g_p - qd) / (am1 * am1) - (g_plogp - qd * plogp) / am1, V<T>);
+}
+
+template <typename T>
+void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows,
+                    double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
+  const Map map = kind == SPARSEMAX || (alpha_rows == nullptr && alpha_f == 2.0) ? Map::sparsemax
+                  : alpha_rows == nullptr && alpha_f == 1.5                      ? Map::entmax15
+                                                                                 : Map::general;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
+      const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
+      const int64_t off = g * m * n + i0, row = g * n + i0;
+      const V<T> norm = load_lanes(norm_in + row, w);
+      const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));  // the lanes past w: 1
+      const V<T> shift = load_lanes(shift_in + row, w), tau = load_lanes(tau_in + row, w);
+      const V<T> alpha = lane_alpha(alpha_rows == nullptr ? nullptr : alpha_rows + row, w, alpha_f);
+      const bool need = dalpha != nullptr;
+      V<T> da;
+      if (map == Map::sparsemax) {
+        da = backward_tile<T, V<T>, Map::sparsemax>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
+                                                     alpha, need);
+      } else if (map == Map::entmax15) {
+        da = backward_tile<T, V<T>, Map::entmax15>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
+                                                    alpha, need);
+      } else {
+        da = backward_tile<T, vd16, Map::general>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
+                                                  alpha, need);
+      }
+      if (need) {
+        for (int l = 0; l < w; ++l) dalpha[row + l] = da[l];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int hop_forward_tiles_f32(float* xt, int64_t groups, int64_t m, int64_t n, int kind, const float* alpha_rows,
+                          double alpha_f, double tol, int max_iter, float* tau, float* shift, float* norm) {
+  return forward_tiles<float>(xt, groups, m, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
+}
+
+int hop_forward_tiles_f64(double* xt, int64_t groups, int64_t m, int64_t n, int kind, const double* alpha_rows,
+                          double alpha_f, double tol, int max_iter, double* tau, double* shift, double* norm) {
+  return forward_tiles<double>(xt, groups, m, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
+}
+
+int hop_backward_tiles_f32(float* xt, const float* gt, float* dst, int64_t groups, int64_t m, int64_t n, int kind,
+                           const float* alpha_rows, double alpha_f, const float* tau, const float* shift,
+                           const float* norm, float* dalpha) {
+  backward_tiles<float>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  return 0;
+}
+
+int hop_backward_tiles_f64(double* xt, const double* gt, double* dst, int64_t groups, int64_t m, int64_t n, int kind,
+                           const double* alpha_rows, double alpha_f, const double* tau, const double* shift,
+                           const double* norm, double* dalpha) {
+  backward_tiles<double>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  return 0;
+}
+
+}  // extern "C"
