@@ -130,3 +130,8 @@ def test_nan_rows_to_output_marks_every_non_finite_row():
     assert torch.equal(got[~bad], out[~bad])
     finite = torch.randn(2, 6, 4)
     assert nan_rows_to_output(finite, out) is out  # CPU, every row finite: no copy
+    huge = torch.full((2, 6, 4), 3e38)  # finite, but the quick whole-query sum overflows: the row check decides
+    assert torch.equal(nan_rows_to_output(huge, out), out)
+    one_inf = finite.clone()
+    one_inf[1, 2, 0] = float("inf")  # one entry: the quick sum is inf, only that row is marked
+    assert torch.equal(torch.isnan(nan_rows_to_output(one_inf, out)).all(-1), ~torch.isfinite(one_inf).all(-1))

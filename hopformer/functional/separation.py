@@ -447,13 +447,18 @@ def nan_rows_to_output(query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
     A row is not finite iff its maximum is NaN or +inf or its minimum is NaN or -inf (``amax`` / ``amin``
     propagate NaN): two reductions instead of elementwise tests over the query (which cost about 5% of
-    a Hopfield ViT's CPU training step). On CPU outside ``torch.compile`` the output is returned as it is
-    when every row is finite (no masked copy); elsewhere the mask is applied unconditionally (no device
-    sync, no data-dependent branch in a compiled graph)."""
+    a Hopfield ViT's CPU training step). On CPU outside ``torch.compile`` one sum over the whole query
+    comes first: it is finite when every entry is (a NaN or infinite entry makes it NaN or infinite), and
+    then the output is returned as it is (a quarter of the two reductions' time; a sum that overflows
+    falls through to them). Elsewhere the mask is applied unconditionally (no device sync, no
+    data-dependent branch in a compiled graph)."""
     if query.shape[-1] == 0:
         return out
+    eager_cpu = out.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and bool(torch.isfinite(query.detach().sum())):
+        return out
     bad = ~(torch.isfinite(query.amax(dim=-1, keepdim=True)) & torch.isfinite(query.amin(dim=-1, keepdim=True)))
-    if out.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(bad.any()):
+    if eager_cpu and not bool(bad.any()):
         return out
     return out.masked_fill(bad, float("nan"))
 
