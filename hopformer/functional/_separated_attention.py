@@ -11,7 +11,9 @@ large scores), and d/dbeta is read off `dq` (`sum <d/d(qk^T) k, q>`), so a block
 matmuls and the threshold iteration forward, five matmuls and a few elementwise passes backward.
 On CPU the row work of a block (row maxima, thresholds, normalisers, weights; backward: weights, `ds`,
 d/dalpha) is one call of the fused C++ kernels (`hopformer.functional._native`) when they are built,
-else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses).
+else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses). Rows of fewer than
+`_TILE_MAX` keys take the tile kernels: the block is computed transposed, `k q^T`, and 16 rows are
+separated together, one per vector lane (forward; backward for a general alpha).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from hopformer.functional._separation_kernels import (
     _entmax_rows,
     _entmax_weights_and_gppr,
     _native_kernels,
-    get_kernel_path,
     _parallel,
     _reference,
     _row_max,
     _sparsemax_backward_rows,
     _sparsemax_rows,
+    get_kernel_path,
 )
 
 _CHUNK_ELEMS = 1 << 18
