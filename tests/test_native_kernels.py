@@ -121,10 +121,19 @@ def test_native_same_result_for_any_number_of_workers(separation, restore_path):
 TILE_SHAPES = [(65, 65), (16, 7), (33, 130), (3, 255), (40, 1)]  # a one-lane tail, full tiles, long tiles, m = 1
 
 
+def _per_row_alpha(n: int) -> torch.Tensor:
+    """One alpha per query row (shared by batch and heads), rows at exactly 2 and 1.5 included."""
+    alpha = torch.rand(n, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 0.9 + 1.05
+    alpha[::3], alpha[1::5] = 2.0, 1.5
+    return alpha.requires_grad_(True)
+
+
 @needs_native
-@pytest.mark.parametrize("separation", SEPARATIONS)
+@pytest.mark.parametrize("separation", SEPARATIONS + ["per_row"])
 @pytest.mark.parametrize("n,m", TILE_SHAPES)
 def test_tiles_match_rows_float64(separation, n, m, restore_path):
+    if separation == "per_row":
+        separation = _per_row_alpha(n)
     q, k, v = qkv(2, 4, n, m)
     mask = torch.rand(n, m, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[0] = False  # an all -inf row
