@@ -448,12 +448,20 @@ def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slic
     return x.addcmul_(flip(block), flip(_rows_of(scale, gs, rs)))
 
 
+def _lead_shape(*shapes: torch.Size) -> torch.Size:
+    """`torch.broadcast_shapes` with a shortcut for equal shapes (the usual case; the general one is Python
+    code, about 10 us a call)."""
+    return shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
+
+
 def _groups(t: torch.Tensor, lead: List[int], tail: Tuple[int, ...]) -> torch.Tensor:
     """Broadcast `t` to `lead + tail` (tail entries -1 keep t's own size) and flatten the lead dims."""
     tail_t = t.shape[len(t.shape) - len(tail):] if t.dim() >= len(tail) else (1,) * (len(tail) - t.dim()) + t.shape
     t = t.reshape(tail_t) if t.dim() < len(tail) else t
     shape = list(lead) + [s if s != -1 else ts for s, ts in zip(tail, tail_t)]
-    return t.expand(shape).reshape(-1, *shape[len(lead):])
+    if list(t.shape) != shape:  # (an expand to its own shape is still one more autograd node)
+        t = t.expand(shape)
+    return t.reshape(-1, *shape[len(lead):])
 
 
 def separated_attention_core(
@@ -470,7 +478,7 @@ def separated_attention_core(
 
     Shapes as in `hopformer.functional.separation.separated_attention`, which validates them.
     """
-    lead = list(torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2], values.shape[:-2]))
+    lead = list(_lead_shape(query.shape[:-2], keys.shape[:-2], values.shape[:-2]))
     n, m = query.shape[-2], keys.shape[-2]
     dtype = query.dtype
     if n == 0 or m == 0 or 0 in lead:  # nothing to attend to: zeros (an all-masked row reads out 0)

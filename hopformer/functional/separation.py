@@ -25,7 +25,7 @@ from torch.autograd import Function
 
 import torch.nn.functional as F
 
-from hopformer.functional._separated_attention import separated_attention_core
+from hopformer.functional._separated_attention import _lead_shape, separated_attention_core
 from hopformer.functional._separation_kernels import _MAX_NEWTON, EntmaxFunction, SparsemaxFunction, _default_tol
 
 SEPARATIONS = ("softmax", "sparsemax", "entmax15")
@@ -393,7 +393,7 @@ def separated_attention(
             f"{tuple(query.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
         )
     try:
-        lead = torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2], values.shape[:-2])
+        lead = _lead_shape(query.shape[:-2], keys.shape[:-2], values.shape[:-2])
     except RuntimeError:
         raise ValueError(
             f"the leading (batch) dims of query {tuple(query.shape)}, keys {tuple(keys.shape)} and values "
