@@ -292,11 +292,7 @@ def _backward_op(
                                                            ws.get(3, x.shape), ds)  # ds: free until filled below
                         da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
                 if need_alpha:
-                    da = da.view(shape[0], shape[1], 1)
-                    if a_t.shape[1] == 1:
-                        ga += da.sum(dim=1, keepdim=True)
-                    else:
-                        ga[:, rs] += da
+                    _add_dalpha(ga, da.view(shape[0], shape[1], 1), a_t, rs)
                 p3, ds3 = p.view(shape), ds.view(shape)
                 torch.bmm(ds3, k[gs], out=dq[gs, rs])
                 if b == 0:
@@ -341,11 +337,7 @@ def _backward_tile_block(native, ws, b, gs, rs, m, q, k, v, qs, g_out, mask, sca
     da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
     native.backward_tiles(xt, dpt, dst, kind, a_rows, alpha_f, *(t[gs, rs].view(-1) for t in stats), da)
     if need_alpha:
-        da = da.view(shape[0], shape[2], 1)
-        if a_t.shape[1] == 1:
-            ga += da.sum(dim=1, keepdim=True)
-        else:
-            ga[:, rs] += da
+        _add_dalpha(ga, da.view(shape[0], shape[2], 1), a_t, rs)
     torch.bmm(dst.transpose(1, 2), k[gs], out=dq[gs, rs])
     if b == 0:
         torch.bmm(xt, g_out[gs, rs], out=gv)  # xt: the weights, transposed
@@ -425,6 +417,15 @@ class _Workspace:
         for s in shape:
             numel *= s
         return self.bufs[i][:numel].view(shape)
+
+
+def _add_dalpha(ga: torch.Tensor, da: torch.Tensor, a_t: torch.Tensor, rs: slice) -> None:
+    """Add a block's d loss / d alpha per row `da` `(groups, rows, 1)` to its groups' `ga` (shaped like
+    `a_t`: one alpha per row, or one shared by the rows)."""
+    if a_t.shape[1] == 1:
+        ga += da.sum(dim=1, keepdim=True)
+    else:
+        ga[:, rs] += da
 
 
 def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice, shape) -> torch.Tensor:

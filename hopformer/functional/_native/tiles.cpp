@@ -156,6 +156,13 @@ inline V<T> lane_alpha(const T* alpha_rows, int w, double alpha_f) {
   return a;
 }
 
+// The map of a call's tiles: a tensor alpha takes the general map on every lane.
+template <typename T>
+Map tile_map(int kind, const T* alpha_rows, double alpha_f) {
+  if (kind == SPARSEMAX || (alpha_rows == nullptr && alpha_f == 2.0)) return Map::sparsemax;
+  return alpha_rows == nullptr && alpha_f == 1.5 ? Map::entmax15 : Map::general;
+}
+
 // ---------------------------------------------------------------- threshold searches on a tile
 // tile[j] (j < mp, a multiple of U; entries from m on are -inf) holds entry j of the tile's rows; y = tile - shift.
 
@@ -271,9 +278,7 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
                   double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
   const int64_t mp = (m + U - 1) / U * U;
   std::vector<V<T>> tile(mp);
-  const Map map = kind == SPARSEMAX || (alpha_rows == nullptr && alpha_f == 2.0) ? Map::sparsemax
-                  : alpha_rows == nullptr && alpha_f == 1.5                      ? Map::entmax15
-                                                                                 : Map::general;
+  const Map map = tile_map(kind, alpha_rows, alpha_f);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
       const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
@@ -392,9 +397,7 @@ V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int
 template <typename T>
 void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows,
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
-  const Map map = kind == SPARSEMAX || (alpha_rows == nullptr && alpha_f == 2.0) ? Map::sparsemax
-                  : alpha_rows == nullptr && alpha_f == 1.5                      ? Map::entmax15
-                                                                                 : Map::general;
+  const Map map = tile_map(kind, alpha_rows, alpha_f);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
       const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
