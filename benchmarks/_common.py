@@ -42,19 +42,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-# Which statistic `interleaved` reports (the benchmarks' `--stat`): "median", or "min" on machines whose noise
-# only ever adds time (a shared VM: 512x512 matmuls read min 34.8, median 38.6, p90 52 ms in one run).
-STAT = "median"
-
-
 def add_stat_option(parser) -> None:
+    """`--stat`, the statistic `interleaved` reports: "median", or "min" on machines whose noise only ever adds
+    time (a shared VM: 512x512 matmuls read min 34.8, median 38.6, p90 52 ms in one run)."""
     parser.add_argument("--stat", choices=["median", "min"], default="median",
                         help="statistic of the timed rounds (min: for noisy shared machines)")
 
 
 def interleaved(runs: Dict[str, Callable[[], None]], repeats: int, device: torch.device,
-                warmup: int = 1, shuffle: bool = True) -> Dict[str, float]:
-    """Median (or, with `STAT = "min"`, minimum) seconds of each run, measured round-robin (load changes hit
+                warmup: int = 1, shuffle: bool = True, stat: str = "median") -> Dict[str, float]:
+    """Median (or, with `stat="min"`, minimum) seconds of each run, measured round-robin (load changes hit
     every run alike).
 
     With `shuffle` (default) each round runs in a fresh order (seeded), so effects of the position in a
@@ -77,7 +74,7 @@ def interleaved(runs: Dict[str, Callable[[], None]], repeats: int, device: torch
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    pick = min if STAT == "min" else statistics.median
+    pick = min if stat == "min" else statistics.median
     return {name: pick(ts) for name, ts in times.items()}
 
 

@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
-import _common  # noqa: E402
 from _common import add_stat_option, interleaved, machine_line, on_kernel_path, peak_bytes, saved_bytes  # noqa: E402
 from hopformer.functional.separation import entmax, entmax15, separated_attention, sparsemax  # noqa: E402
 
@@ -86,7 +85,7 @@ def cores(h: int, device: torch.device, maps: bool, pkg: bool, ab: Optional[str]
 
 
 def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool, memory: bool,
-          dtype: torch.dtype = torch.float32, ab: Optional[str] = None) -> Dict[str, float]:
+          dtype: torch.dtype = torch.float32, ab: Optional[str] = None, stat: str = "median") -> Dict[str, float]:
     b, h = SHAPES.get(length, (1, 2))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, length, HEAD_DIM, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
@@ -98,10 +97,10 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
             fn(q, k, v).float().sum().backward()
         return run
 
-    med = interleaved({name: step(fn) for name, fn in fns.items()}, repeats, device)
+    med = interleaved({name: step(fn) for name, fn in fns.items()}, repeats, device, stat=stat)
     ref = med["sdpa softmax (reference)"]
     print(f"\n### L={length}: B={b} H={h} d={HEAD_DIM} {str(dtype).removeprefix('torch.')} device={device} "
-          f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats} stat={_common.STAT}")
+          f"threads={torch.get_num_threads()} workers={hopformer.get_num_workers()} repeats={repeats} stat={stat}")
     head = f"| {'core':34s} | {'ms':>8s} | {'x SDPA':>6s} |"
     print(head + (" saved MiB | peak MiB |" if memory else "") + (f" current / {ab} |" if ab else ""))
     print("|" + "---|" * (3 + 2 * memory + bool(ab)))
@@ -118,7 +117,7 @@ def bench(length: int, repeats: int, device: torch.device, maps: bool, pkg: bool
     return {name: t / ref for name, t in med.items()}
 
 
-def sweep_chunk(lengths, repeats: int, sizes) -> None:
+def sweep_chunk(lengths, repeats: int, sizes, stat: str = "median") -> None:
     """Forward+backward time of the fused sparse cores per CPU block size (`_CHUNK_ELEMS` scores)."""
     import hopformer.functional._separated_attention as sa
     import hopformer.functional._separation_kernels as sk
@@ -138,7 +137,7 @@ def sweep_chunk(lengths, repeats: int, sizes) -> None:
                     sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = 1 << size
                     separated_attention(q, k, v, separation=sep).sum().backward()
                 runs[size] = run
-            med = interleaved(runs, repeats, torch.device("cpu"))
+            med = interleaved(runs, repeats, torch.device("cpu"), stat=stat)
             print(f"| {length} | {sep} | " + " | ".join(f"{med[s] * 1e3:.1f}" for s in sizes) + " |", flush=True)
     sa._CHUNK_ELEMS = sk._CHUNK_ELEMS = default
 
@@ -158,16 +157,15 @@ def main() -> None:
                         help="instead: time the sparse cores per block size 2^s (e.g. 16 17 18 19)")
     add_stat_option(parser)
     args = parser.parse_args()
-    _common.STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line(), f"\nhopformer from {os.path.dirname(hopformer.__file__)}")
     if args.sweep_chunk is not None:
-        sweep_chunk(args.lengths, args.repeats, args.sweep_chunk or [16, 17, 18, 19])
+        sweep_chunk(args.lengths, args.repeats, args.sweep_chunk or [16, 17, 18, 19], args.stat)
         return
     for length in args.lengths:
         bench(length, min(args.repeats, 3) if length >= 4096 else args.repeats, torch.device(args.device),
-              args.maps, args.pkg, not args.no_memory, ab=args.ab)
+              args.maps, args.pkg, not args.no_memory, ab=args.ab, stat=args.stat)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hopformer  # noqa: E402
 import hopformer.models  # noqa: E402,F401  (registers the Hopfield ViTs)
-import _common  # noqa: E402
 from _common import add_stat_option, interleaved, machine_line, on_kernel_path  # noqa: E402
 from hopformer.models.vit import HOPFIELD_VIT_MODELS  # noqa: E402
 
@@ -83,7 +82,6 @@ def main() -> None:
                         help="also each sparse variant on the kernels of this path (default: torch)")
     add_stat_option(parser)
     args = parser.parse_args()
-    _common.STAT = args.stat
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -106,7 +104,7 @@ def main() -> None:
             step()
             print(f"compile {name}: {time.perf_counter() - t0:.1f} s (first step)", flush=True)
             runs[name + " [compiled]"] = step
-    med = interleaved(runs, args.repeats, device)
+    med = interleaved(runs, args.repeats, device, stat=args.stat)
     ref = med["timm ViT (reference)"]
     print(f"\n### training step {args.model}, batch {args.batch}, device={device}, threads={torch.get_num_threads()}, "
           f"repeats={args.repeats} stat={args.stat}")

@@ -92,11 +92,14 @@ def _rows_of(t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.
     return t[gs] if t.shape[1] == 1 else t[gs, rs]
 
 
+def _general(kind: str, a_t: Optional[Tensor], alpha_f: float) -> bool:
+    """Whether the rows take the general alpha-entmax: any alpha but sparsemax and a float 1.5."""
+    return kind == "entmax" and (a_t is not None or alpha_f != 1.5)
+
+
 def _row_kernels(q: Tensor, m: int, kind: str, a_t: Optional[Tensor], alpha_f: float):
-    """The fused C++ row kernels for a call on rows of `m` scores, or None for the torch-op kernels
-    (`_native_kernels`: a general alpha is any alpha but sparsemax and a float 1.5)."""
-    return _native_kernels(q.device, m, general=kind == "entmax" and (a_t is not None or alpha_f != 1.5),
-                           tiles=m < _TILE_MAX)
+    """The fused C++ kernels for a call on rows of `m` scores, or None for the torch-op kernels."""
+    return _native_kernels(q.device, m, general=_general(kind, a_t, alpha_f), tiles=m < _TILE_MAX)
 
 
 def _use_tiles(native, m: int) -> bool:
@@ -150,7 +153,7 @@ def _forward_op(
             _add_mask(x, mask, gs, rs, scale)
             rows = x.view(-1, m)
             if native is not None:  # one fused call: row maxima, thresholds, normalisers, weights (in place)
-                a_rows = _alpha_block(a_t, gs, rs, x.shape).reshape(-1).contiguous() if a_t is not None else None
+                a_rows = _alpha_rows(a_t, gs, rs)
                 native.forward(rows, rows, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                shift[gs, rs].view(-1), norm[gs, rs].view(-1))
                 torch.bmm(x, v[gs], out=out[gs, rs])
@@ -162,7 +165,7 @@ def _forward_op(
             if kind == "sparsemax":
                 t = _sparsemax_rows(rows, p, ws.bufs[2], shifted=True)
             else:
-                a = _alpha_block(a_t, gs, rs, x.shape) if a_t is not None else alpha
+                a = _alpha_block(a_t, gs, rs) if a_t is not None else alpha
                 t, nrm = _entmax_rows(rows, 1.0 / (a - 1.0), p, tol, max_iter, ws.bufs[2], ws.bufs[3], shifted=True)
                 norm[gs, rs] = nrm.reshape(x.shape[0], x.shape[1], 1)
             tau[gs, rs] = t.reshape(x.shape[0], x.shape[1], 1)
@@ -187,8 +190,7 @@ def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_ite
             xt = ws.get(0, shape)
             torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
             _add_mask(xt, mask, gs, rs, scale, transposed=True)
-            a_rows = None if a_t is None else _alpha_block(a_t, gs, rs, (shape[0], shape[2])).reshape(-1).contiguous()
-            native.forward_tiles(xt, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
+            native.forward_tiles(xt, kind, _alpha_rows(a_t, gs, rs), alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                  shift[gs, rs].view(-1), norm[gs, rs].view(-1))
             torch.bmm(xt.transpose(1, 2), v[gs], out=out[gs, rs])
 
@@ -228,11 +230,10 @@ def _backward_op(
     native = _row_kernels(q, m, kind, a_t, alpha_f)
     # the tile backward for a general alpha (its powers run 16 rows a vector); sparsemax and 1.5-entmax rows
     # have no powers to take and their row backward streams through the block faster (0.75x the tiles' time)
-    tiles = _use_tiles(native, m) and kind == "entmax" and (a_t is not None or alpha_f != 1.5)
+    tiles = _use_tiles(native, m) and _general(kind, a_t, alpha_f)
     lanes = _LANES if tiles else 1
     qs, scale = _scaled_queries(q, beta, alpha, kind)
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
-    k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device, lanes))
     g_out = g_out.contiguous()
 
@@ -261,46 +262,11 @@ def _backward_op(
                 gk, gv = dk[gs], dv[gs]
                 ga = dalpha[gs].zero_() if need_alpha else None
             for b, (gs, rs) in enumerate(items[u]):
-                if tiles:
-                    _backward_tile_block(native, ws, b, gs, rs, m, q, k, v, qs, g_out, mask, scale, kind, a_t, alpha_f,
-                                         (tau, shift, norm), need_alpha, dq, gk, gv, ga)
-                    continue
-                shape = (gs.stop - gs.start, rs.stop - rs.start, m)
-                x = ws.get(0, shape)
-                torch.bmm(qs[gs, rs], k_t[gs], out=x)
-                x = _add_mask(x, mask, gs, rs, scale).view(-1, m)
                 go = g_out[gs, rs]
-                dp = ws.get(1, shape)
-                torch.bmm(go, v_t[gs], out=dp)
-                dp = dp.view(-1, m)
-                ds = ws.get(2, dp.shape)  # d loss / d scores
-                if native is not None:  # one fused call: weights (into x), ds and d loss / d alpha per row
-                    a_rows = _alpha_block(a_t, gs, rs, shape).reshape(-1).contiguous() if a_t is not None else None
-                    da = ws.get(3, (shape[0] * shape[1],)) if need_alpha else None
-                    native.backward(x, dp, ds, kind, a_rows, alpha_f, tau[gs, rs].view(-1), shift[gs, rs].view(-1),
-                                    norm[gs, rs].view(-1), da)
-                    p = x
-                else:
-                    x = x.sub_(shift[gs, rs].reshape(-1, 1))
-                    t = tau[gs, rs].reshape(-1, 1)
-                    if kind == "sparsemax":
-                        p = x.sub_(t).relu_()
-                        _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
-                    else:
-                        a = _alpha_block(a_t, gs, rs, shape) if a_t is not None else alpha
-                        p, gppr = _entmax_weights_and_gppr(x, a, t, norm[gs, rs].reshape(-1, 1),
-                                                           ws.get(3, x.shape), ds)  # ds: free until filled below
-                        da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
-                if need_alpha:
-                    _add_dalpha(ga, da.view(shape[0], shape[1], 1), a_t, rs)
-                p3, ds3 = p.view(shape), ds.view(shape)
-                torch.bmm(ds3, k[gs], out=dq[gs, rs])
-                if b == 0:
-                    torch.bmm(p3.transpose(1, 2), go, out=gv)
-                    torch.bmm(ds3.transpose(1, 2), q[gs, rs], out=gk)  # times beta at the end
-                else:
-                    gv.baddbmm_(p3.transpose(1, 2), go)
-                    gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs])
+                block_grads = _tile_block_grads if tiles else _row_block_grads
+                p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f,
+                                          (tau, shift, norm), need_alpha)
+                _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga)
 
     _parallel(job, len(items), q.device)
     if not all(owned):  # the pieces' private sums, in a fixed order: deterministic
@@ -322,29 +288,64 @@ def _backward_op(
     return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
 
 
-def _backward_tile_block(native, ws, b, gs, rs, m, q, k, v, qs, g_out, mask, scale, kind, a_t, alpha_f, stats,
-                         need_alpha, dq, gk, gv, ga) -> None:
-    """One block of `_backward_op` on the tile kernels: writes its rows of `dq`, adds (or, first block `b == 0`,
-    writes) its share of `gk`, `gv`, `ga`."""
-    shape = (gs.stop - gs.start, m, rs.stop - rs.start)
+def _row_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
+    """A block's weights, d loss / d scores (both `(groups, rows, m)`) and d loss / d alpha per row (or None),
+    from its scores `qs k^T` and d loss / d p `go v^T`: one fused C++ call, else the torch-op kernels."""
+    tau, shift, norm = (t[gs, rs] for t in stats)
+    m = k.shape[1]
+    shape = (gs.stop - gs.start, rs.stop - rs.start, m)
+    x = ws.get(0, shape)
+    torch.bmm(qs[gs, rs], k[gs].transpose(1, 2), out=x)
+    x = _add_mask(x, mask, gs, rs, scale).view(-1, m)
+    dp = ws.get(1, shape)
+    torch.bmm(go, v[gs].transpose(1, 2), out=dp)
+    dp = dp.view(-1, m)
+    ds = ws.get(2, dp.shape)
+    da = None
+    if native is not None:  # weights (into x), ds and d loss / d alpha per row
+        da = ws.get(3, (shape[0] * shape[1],)) if need_alpha else None
+        native.backward(x, dp, ds, kind, _alpha_rows(a_t, gs, rs), alpha_f, tau.view(-1), shift.view(-1),
+                        norm.view(-1), da)
+        p = x
+    elif kind == "sparsemax":
+        p = x.sub_(shift.reshape(-1, 1)).sub_(tau.reshape(-1, 1)).relu_()
+        _sparsemax_backward_rows(p, dp, ds, ws.bufs[3])
+    else:
+        a = _alpha_block(a_t, gs, rs) if a_t is not None else alpha_f
+        p, gppr = _entmax_weights_and_gppr(x.sub_(shift.reshape(-1, 1)), a, tau.reshape(-1, 1), norm.reshape(-1, 1),
+                                           ws.get(3, x.shape), ds)  # ds: free until filled below
+        da = _entmax_backward_rows(p, dp, a, ds, need_alpha, gppr=gppr)
+    return p.view(shape), ds.view(shape), da if need_alpha else None
+
+
+def _tile_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
+    """A block's weights, d loss / d scores (both `(groups, rows, m)`, transposed views of the tile kernels'
+    blocks) and d loss / d alpha per row (or None), from the block's scores and d loss / d p computed
+    transposed (`k qs^T`, `v go^T`)."""
+    shape = (gs.stop - gs.start, k.shape[1], rs.stop - rs.start)
     xt = ws.get(0, shape)
     torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
     _add_mask(xt, mask, gs, rs, scale, transposed=True)
     dpt = ws.get(1, shape)
-    torch.bmm(v[gs], g_out[gs, rs].transpose(1, 2), out=dpt)  # d loss / d p, transposed
+    torch.bmm(v[gs], go.transpose(1, 2), out=dpt)
     dst = ws.get(2, shape)
-    a_rows = _alpha_block(a_t, gs, rs, (shape[0], shape[2])).reshape(-1).contiguous() if a_t is not None else None
     da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
-    native.backward_tiles(xt, dpt, dst, kind, a_rows, alpha_f, *(t[gs, rs].view(-1) for t in stats), da)
-    if need_alpha:
-        _add_dalpha(ga, da.view(shape[0], shape[2], 1), a_t, rs)
-    torch.bmm(dst.transpose(1, 2), k[gs], out=dq[gs, rs])
+    native.backward_tiles(xt, dpt, dst, _alpha_rows(a_t, gs, rs), alpha_f, *(t[gs, rs].view(-1) for t in stats), da)
+    return xt.transpose(1, 2), dst.transpose(1, 2), da
+
+
+def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga) -> None:
+    """From a block's weights `p3` and d loss / d scores `ds3` `(groups, rows, m)`: its rows of `dq`, and its
+    share of `gk`, `gv` (written by the unit's first block, `b == 0`, else added) and `ga` (when `da` is given)."""
+    if da is not None:
+        _add_dalpha(ga, da.view(p3.shape[0], p3.shape[1], 1), a_t, rs)
+    torch.bmm(ds3, k[gs], out=dq[gs, rs])
     if b == 0:
-        torch.bmm(xt, g_out[gs, rs], out=gv)  # xt: the weights, transposed
-        torch.bmm(dst, q[gs, rs], out=gk)  # times beta at the end
+        torch.bmm(p3.transpose(1, 2), go, out=gv)
+        torch.bmm(ds3.transpose(1, 2), q[gs, rs], out=gk)  # times beta at the end
     else:
-        gv.baddbmm_(xt, g_out[gs, rs])
-        gk.baddbmm_(dst, q[gs, rs])
+        gv.baddbmm_(p3.transpose(1, 2), go)
+        gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs])
 
 
 @_backward_op.register_fake
@@ -428,8 +429,14 @@ def _add_dalpha(ga: torch.Tensor, da: torch.Tensor, a_t: torch.Tensor, rs: slice
         ga[:, rs] += da
 
 
-def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice, shape) -> torch.Tensor:
-    return _rows_of(a_t, gs, rs).expand(shape[0], shape[1], 1).reshape(-1, 1)
+def _alpha_block(a_t: torch.Tensor, gs: slice, rs: slice) -> torch.Tensor:
+    """A block's alpha per row, `(groups * rows, 1)`."""
+    return _rows_of(a_t, gs, rs).expand(gs.stop - gs.start, rs.stop - rs.start, 1).reshape(-1, 1)
+
+
+def _alpha_rows(a_t: Optional[torch.Tensor], gs: slice, rs: slice) -> Optional[torch.Tensor]:
+    """The native kernels' alpha per row of a block, flat and contiguous, or None (a float alpha)."""
+    return None if a_t is None else _alpha_block(a_t, gs, rs).reshape(-1).contiguous()
 
 
 def _add_mask(x: torch.Tensor, mask: Optional[torch.Tensor], gs: slice, rs: slice, scale=None,

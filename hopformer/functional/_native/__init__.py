@@ -93,19 +93,16 @@ def _compile(cxx: str, target: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"hop_forward_{suffix}")
-        fwd.argtypes = [ptr, ptr, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr]
-        fwd.restype = i32
-        bwd = getattr(lib, f"hop_backward_{suffix}")
-        bwd.argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr]
-        bwd.restype = i32
-        fwd_t = getattr(lib, f"hop_forward_tiles_{suffix}")
-        fwd_t.argtypes = [ptr, i64, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr]
-        fwd_t.restype = i32
-        bwd_t = getattr(lib, f"hop_backward_tiles_{suffix}")
-        bwd_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr]
-        bwd_t.restype = i32
+    signatures = {  # every kernel returns an int status
+        "forward": [ptr, ptr, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr],
+        "backward": [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr],
+        "forward_tiles": [ptr, i64, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr],
+        "backward_tiles": [ptr, ptr, ptr, i64, i64, i64, ptr, f64, ptr, ptr, ptr, ptr],
+    }
+    for name, argtypes in signatures.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"hop_{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, i32
     lib.hop_abi_version.restype = i32
     if lib.hop_abi_version() != ABI_VERSION:
         raise RuntimeError(f"stale library: ABI {lib.hop_abi_version()}, expected {ABI_VERSION}")
@@ -205,14 +202,14 @@ def forward_tiles(xt: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor
         raise ValueError("scores contain NaN or +inf: the separation maps need finite scores or -inf")
 
 
-def backward_tiles(xt: torch.Tensor, gt: torch.Tensor, dst: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor],
+def backward_tiles(xt: torch.Tensor, gt: torch.Tensor, dst: torch.Tensor, alpha_rows: Optional[torch.Tensor],
                    alpha: float, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor,
                    dalpha: Optional[torch.Tensor]) -> None:
-    """`backward` on transposed rows `(G, m, n)` (as `forward_tiles`): `xt` the scores (overwritten with the
-    weights), `gt` d loss / d p; writes `dst` = d loss / d x and, when given, `dalpha` per row."""
+    """`backward` on transposed rows `(G, m, n)` (as `forward_tiles`), by the alpha-entmax formula for every map
+    (alpha = 2: sparsemax's, 1.5: 1.5-entmax's): `xt` the scores (overwritten with the weights), `gt`
+    d loss / d p; writes `dst` = d loss / d x and, when given, `dalpha` per row."""
     lib = load()
     suffix = _check(xt.dtype, xt, gt, dst, alpha_rows, tau, shift, norm, dalpha)
     groups, m, n = xt.shape
-    getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, KINDS[kind],
-                                                 _ptr(alpha_rows), float(alpha), _ptr(tau), _ptr(shift), _ptr(norm),
-                                                 _ptr(dalpha))
+    getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, _ptr(alpha_rows),
+                                                 float(alpha), _ptr(tau), _ptr(shift), _ptr(norm), _ptr(dalpha))

@@ -164,11 +164,18 @@ Map tile_map(int kind, const T* alpha_rows, double alpha_f) {
 }
 
 // ---------------------------------------------------------------- threshold searches on a tile
+// Every search starts from the larger of its mean bound and max y - 1 = -1; a mean bound that is -inf (a row
+// with -inf) or NaN (its sum overflowed on the way) leaves -1.
+template <typename T>
+inline V<T> start_tau(V<T> mean_bound) {
+  return pick<T>(mean_bound > T(-1), mean_bound, vs<T>(T(-1)));
+}
+
 // tile[j] (j < mp, a multiple of U; entries from m on are -inf) holds entry j of the tile's rows; y = tile - shift.
 
 template <typename T>
 V<T> sparsemax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total) {
-  V<T> tau = vmax<T>(vs<T>(T(-1)), (total - T(1)) / static_cast<T>(m));  // -1 for a row with -inf
+  V<T> tau = start_tau<T>((total - T(1)) / static_cast<T>(m));
   auto live = tau == tau;
   for (int64_t it = 0; it < m + 2; ++it) {
     V<T> cnt[U], sum[U], lo[U];
@@ -198,7 +205,7 @@ V<T> sparsemax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> tot
 template <typename T>
 V<T> entmax15_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total, int max_iter) {
   const T nm = static_cast<T>(m);
-  V<T> tau = vmax<T>(vs<T>(T(-1)), total / nm - T(1) / std::sqrt(nm));
+  V<T> tau = start_tau<T>(total / nm - T(1) / std::sqrt(nm));
   auto live = tau == tau;
   for (int it = 0; it < max_iter; ++it) {
     V<T> cnt[U], s1[U], f[U], lo[U], hi[U];
@@ -243,7 +250,7 @@ V<T> entmax15_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> tota
 template <typename T>
 V<T> entmax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total, V<T> e, T tol, int max_iter) {
   const V<T> em1 = e - T(1), inv_e = T(1) / e;
-  V<T> tau = vmax<T>(vs<T>(T(-1)), total / static_cast<T>(m) - vpow(vs<T>(static_cast<T>(m)), -inv_e));
+  V<T> tau = start_tau<T>(total / static_cast<T>(m) - vpow(vs<T>(static_cast<T>(m)), -inv_e));
   auto live = tau == tau;
   for (int it = 0; it < max_iter; ++it) {
     V<T> s_em1[U], f[U];
@@ -285,16 +292,16 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
       T* base = xt + g * m * n + i0;
       const int64_t row = g * n + i0;
       // statistics (and the copy into the tile): maximum, sum, NaN / +inf
-      // (NaN or +inf in a row: its sum is NaN or its maximum +inf; one running sum of finite scores cannot be NaN)
-      V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0));
+      V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0)), nan = vs<T>(T(0));
       for (int64_t j = 0; j < m; ++j) {
         const V<T> v = load_lanes(base + j * n, w);
         tile[j] = v;
         mx = vmax<T>(mx, v);
         sum += v;
         abs_sum += vabs(v);
+        nan = pick<T>(v != v, vs<T>(T(1)), nan);
       }
-      if (any_lane((sum != sum) | (mx == inf<T>()))) return 1;
+      if (any_lane((nan != T(0)) | (mx == inf<T>()))) return 1;  // NaN or +inf in a row
       for (int64_t j = m; j < mp; ++j) tile[j] = vs<T>(-inf<T>());
       const V<T> shift = pick<T>(mx == -inf<T>(), vs<T>(T(0)), mx);
       const T nt = static_cast<T>(m);
@@ -342,47 +349,37 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
 }
 
 // ---------------------------------------------------------------- backward
+// The alpha-entmax backward for every lane, whatever map its forward took: gppr = p^(2 - alpha) =
+// r^(e - 1) norm^(alpha - 2) is the support indicator at alpha = 2 and sqrt(p) at 1.5, so one formula serves
+// (the attention core calls this for a general alpha; sparsemax and 1.5-entmax rows take the row backward).
 // xt: the scores (as the forward saw them), overwritten with the weights; gt: d loss / d p; dst: d loss / d x
 // (written); dalpha (nullable): d loss / d alpha per row (written). All (G, m, n), transposed like the forward.
 
-// One tile of the backward: LANES rows at x, gg, d + lane (entry j of a row at j * n), w of them real. The
-// weights overwrite x, d gets d loss / d x; returns d loss / d alpha per lane when asked (else 0). Sums of a
-// general alpha in double (A), as the row kernels: (alpha - 1)^-2 amplifies their rounding in d/dalpha.
-template <typename T, typename A, Map M>
+// One tile: LANES rows at x, gg, d + lane (entry j of a row at j * n), w of them real; returns d loss / d alpha
+// per lane when asked (else 0). Sums in double, as the row kernels': (alpha - 1)^-2 amplifies their rounding.
+template <typename T>
 V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m, int64_t n, int w, V<T> shift,
                    V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
-  const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1);
-  V<T> scale = vs<T>(T(1));  // gppr = r^(e - 1) * scale
-  if (M == Map::entmax15) scale = T(1) / vsqrt(norm);
-  if (M == Map::general) scale = vpow(norm, alpha - T(2));
-  const auto gppr = [&](int64_t j, A& s, A& gs) {  // the weights into x, gppr into d, their sums
-    const V<T> xv = load_lanes(x + j * n, w), gv = load_lanes(gg + j * n, w);
-    const V<T> r = (xv - shift) - tau;
-    const V<T> rp = pick<T>(r > T(0), r, vs<T>(T(0)));
-    V<T> r_em1 = rp;  // entmax15
-    if (M == Map::sparsemax) r_em1 = pick<T>(r > T(0), vs<T>(T(1)), vs<T>(T(0)));
-    if (M == Map::general) r_em1 = vpow(r, em1);
+  const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1), scale = vpow(norm, alpha - T(2));
+  vd16 s_gppr = vd16{} + 0.0, g_gppr = vd16{} + 0.0;
+  for (int64_t j = 0; j < m; ++j) {  // the weights into x, gppr into d, their sums
+    const V<T> r = (load_lanes(x + j * n, w) - shift) - tau;
+    const V<T> r_em1 = vpow(r, em1);
     const V<T> gp = r_em1 * scale;
-    store_lanes(x + j * n, rp * r_em1 * inv_norm, w);
+    store_lanes(x + j * n, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm, w);
     store_lanes(d + j * n, gp, w);
-    s += __builtin_convertvector(gp, A);
-    gs += __builtin_convertvector(gp, A) * __builtin_convertvector(gv, A);
-  };
-  A s[2] = {A{} + 0, A{} + 0}, gs[2] = {A{} + 0, A{} + 0};
-  int64_t j = 0;
-  for (; j + 2 <= m; j += 2) {
-    gppr(j, s[0], gs[0]);
-    gppr(j + 1, s[1], gs[1]);
+    s_gppr += to_double<T>(gp);
+    g_gppr += to_double<T>(gp) * to_double<T>(load_lanes(gg + j * n, w));
   }
-  if (j < m) gppr(j, s[0], gs[0]);
-  const vd16 s_gppr = __builtin_convertvector(s[0] + s[1], vd16), g_gppr = __builtin_convertvector(gs[0] + gs[1], vd16);
   const vd16 tiny = vd16{} + static_cast<double>(std::numeric_limits<T>::min());
   const V<T> q = __builtin_convertvector(g_gppr / (s_gppr > tiny ? s_gppr : tiny), V<T>);
-  for (j = 0; j < m; ++j) store_lanes(d + j * n, load_lanes(d + j * n, w) * (load_lanes(gg + j * n, w) - q), w);
+  for (int64_t j = 0; j < m; ++j) {
+    store_lanes(d + j * n, load_lanes(d + j * n, w) * (load_lanes(gg + j * n, w) - q), w);
+  }
   if (!need_alpha) return vs<T>(T(0));
-  // Correia et al. 2019, eq. 12-14 (see separation.cpp), sums in double
+  // Correia et al. 2019, eq. 12-14 (see separation.cpp)
   vd16 g_p = vd16{} + 0.0, plogp = vd16{} + 0.0, g_plogp = vd16{} + 0.0;
-  for (j = 0; j < m; ++j) {
+  for (int64_t j = 0; j < m; ++j) {
     const V<T> pv = load_lanes(x + j * n, w);
     const vd16 pd = to_double<T>(pv), gd = to_double<T>(load_lanes(gg + j * n, w));
     const vd16 t = pd * to_double<T>(vlog(pv));
@@ -395,30 +392,18 @@ V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int
 }
 
 template <typename T>
-void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows,
+void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, const T* alpha_rows,
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
-  const Map map = tile_map(kind, alpha_rows, alpha_f);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
       const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
       const int64_t off = g * m * n + i0, row = g * n + i0;
       const V<T> norm = load_lanes(norm_in + row, w);
       const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));  // the lanes past w: 1
-      const V<T> shift = load_lanes(shift_in + row, w), tau = load_lanes(tau_in + row, w);
       const V<T> alpha = lane_alpha(alpha_rows == nullptr ? nullptr : alpha_rows + row, w, alpha_f);
-      const bool need = dalpha != nullptr;
-      V<T> da;
-      if (map == Map::sparsemax) {
-        da = backward_tile<T, V<T>, Map::sparsemax>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
-                                                     alpha, need);
-      } else if (map == Map::entmax15) {
-        da = backward_tile<T, V<T>, Map::entmax15>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
-                                                    alpha, need);
-      } else {
-        da = backward_tile<T, vd16, Map::general>(xt + off, gt + off, dst + off, m, n, w, shift, tau, safe_norm,
-                                                  alpha, need);
-      }
-      if (need) {
+      const V<T> da = backward_tile<T>(xt + off, gt + off, dst + off, m, n, w, load_lanes(shift_in + row, w),
+                                       load_lanes(tau_in + row, w), safe_norm, alpha, dalpha != nullptr);
+      if (dalpha != nullptr) {
         for (int l = 0; l < w; ++l) dalpha[row + l] = da[l];
       }
     }
@@ -439,17 +424,17 @@ int hop_forward_tiles_f64(double* xt, int64_t groups, int64_t m, int64_t n, int 
   return forward_tiles<double>(xt, groups, m, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
 }
 
-int hop_backward_tiles_f32(float* xt, const float* gt, float* dst, int64_t groups, int64_t m, int64_t n, int kind,
+int hop_backward_tiles_f32(float* xt, const float* gt, float* dst, int64_t groups, int64_t m, int64_t n,
                            const float* alpha_rows, double alpha_f, const float* tau, const float* shift,
                            const float* norm, float* dalpha) {
-  backward_tiles<float>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  backward_tiles<float>(xt, gt, dst, groups, m, n, alpha_rows, alpha_f, tau, shift, norm, dalpha);
   return 0;
 }
 
-int hop_backward_tiles_f64(double* xt, const double* gt, double* dst, int64_t groups, int64_t m, int64_t n, int kind,
+int hop_backward_tiles_f64(double* xt, const double* gt, double* dst, int64_t groups, int64_t m, int64_t n,
                            const double* alpha_rows, double alpha_f, const double* tau, const double* shift,
                            const double* norm, double* dalpha) {
-  backward_tiles<double>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  backward_tiles<double>(xt, gt, dst, groups, m, n, alpha_rows, alpha_f, tau, shift, norm, dalpha);
   return 0;
 }
 
