@@ -124,7 +124,9 @@ def test_native_same_result_for_any_number_of_workers(separation, restore_path):
 # Rows of fewer than _TILE_MAX keys: blocks computed transposed, 16 rows a vector (`_native/tiles.cpp`). The
 # "rows" path runs the same C++ maps one row at a time: the two agree to rounding.
 
-TILE_SHAPES = [(65, 65), (16, 7), (33, 130), (3, 255), (40, 1)]  # a one-lane tail, full tiles, long tiles, m = 1
+# one-lane tails (gathered across groups), full tiles, long tiles, m = 1, rows of fewer than 16 queries (all
+# gathered), a 14-lane tail (sparsemax and 1.5-entmax: each group's own masked tile; a general alpha: gathered)
+TILE_SHAPES = [(65, 65), (16, 7), (33, 130), (3, 255), (40, 1), (30, 20)]
 
 
 def _per_row_alpha(n: int) -> torch.Tensor:
@@ -151,13 +153,15 @@ def test_tiles_match_rows_float64(separation, n, m, restore_path):
 @pytest.mark.parametrize("kind,alpha,per_row", [("sparsemax", 2.0, False), ("entmax", 1.5, False),
                                                 ("entmax", 1.3, False), ("entmax", 1.3, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tile_kernels_match_row_kernels(kind, alpha, per_row, dtype):
+@pytest.mark.parametrize("n", [33, 14])
+def test_tile_kernels_match_row_kernels(kind, alpha, per_row, dtype, n):
     """The C++ calls themselves, every map in both directions (the tile backward takes the alpha-entmax formula
     for every map; the attention core calls it for a general alpha): weights, thresholds, d loss / d scores
     and d loss / d alpha of transposed blocks equal the row kernels' on the same rows, with -inf entries, an
-    all -inf row and a one-lane tail."""
+    all -inf row, one-lane tails gathered across groups (n = 33) and tails of 14 lanes (n = 14: gathered for a
+    general alpha, else each group's own masked tile)."""
     gen = torch.Generator().manual_seed(6)
-    groups, n, m = 3, 33, 40
+    groups, m = 3, 40
     x = (torch.randn(groups, n, m, generator=gen) * 3).to(dtype)
     x[torch.rand(groups, n, m, generator=gen) < 0.3] = float("-inf")
     x[0, 0] = float("-inf")

@@ -279,69 +279,148 @@ V<T> entmax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total,
 }
 
 // ---------------------------------------------------------------- forward
+// Where a tile's rows live: entry j of lane l at ptr[off[l] + j * n]. Consecutive rows of one group (the
+// full tiles) are one contiguous load per entry; the rows past a group's last full tile (n % LANES of them)
+// are gathered across groups into tiles of their own, so a group of 65 rows costs four tiles and a sixteenth,
+// not five (its one-row tail took a whole tile's passes: 13-15% of the forward on the ViT blocks).
+template <typename T, bool gathered>
+struct Lanes {
+  T* ptr;
+  int64_t n;
+  int w;  // lanes in use
+  int64_t row[LANES];  // the row (g n + i) of each lane in use
+  int64_t off[LANES];  // lane l's entry 0 at ptr + off[l]
+
+  vi idx;  // gathered float rows: off as 32-bit indices (blocks of fewer than 2^31 scores)
+
+  V<T> load(int64_t j) const {
+    if (!gathered) return load_lanes(ptr + j * n, w);
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return (V<T>)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lane_mask(), to_m512i(idx), ptr + j * n, 4);
+    }
+#endif
+    V<T> v = vs<T>(T(0));
+    for (int l = 0; l < w; ++l) v[l] = ptr[off[l] + j * n];
+    return v;
+  }
+
+  void store(int64_t j, V<T> v) const {
+    if (!gathered) return store_lanes(ptr + j * n, v, w);
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return _mm512_mask_i32scatter_ps(ptr + j * n, lane_mask(), to_m512i(idx), (__m512)v, 4);
+    }
+#endif
+    for (int l = 0; l < w; ++l) ptr[off[l] + j * n] = v[l];
+  }
+
+#if defined(__AVX512F__)
+  __mmask16 lane_mask() const { return static_cast<__mmask16>((1u << w) - 1u); }
+  static __m512i to_m512i(vi v) {
+    __m512i r;
+    __builtin_memcpy(&r, &v, sizeof(r));
+    return r;
+  }
+#endif
+
+  V<T> alpha(const T* alpha_rows, double alpha_f) const {  // per lane; lanes past w repeat lane 0's
+    V<T> a = vs<T>(static_cast<T>(alpha_f));
+    if (alpha_rows != nullptr) {
+      for (int l = 0; l < LANES; ++l) a[l] = alpha_rows[row[l < w ? l : 0]];
+    }
+    return a;
+  }
+};
+
+// One tile's rows: the thresholds, maxima and normalisers per lane, the weights written over the scores.
+// Returns 1 on NaN / +inf in a row.
+template <typename T, bool G>
+int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map map, const T* alpha_rows,
+                 double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
+  // statistics (and the copy into the tile): maximum, sum, NaN / +inf
+  V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0)), nan = vs<T>(T(0));
+  for (int64_t j = 0; j < m; ++j) {
+    const V<T> v = rows.load(j);
+    tile[j] = v;
+    mx = vmax<T>(mx, v);
+    sum += v;
+    abs_sum += vabs(v);
+    nan = pick<T>(v != v, vs<T>(T(1)), nan);
+  }
+  if (any_lane((nan != T(0)) | (mx == inf<T>()))) return 1;  // NaN or +inf in a row
+  for (int64_t j = m; j < mp; ++j) tile[j] = vs<T>(-inf<T>());
+  const V<T> shift = pick<T>(mx == -inf<T>(), vs<T>(T(0)), mx);
+  const T nt = static_cast<T>(m);
+  const V<T> total = (sum - nt * shift) - 4 * std::numeric_limits<T>::epsilon() * (abs_sum + nt * vabs(shift));
+  const V<T> e = T(1) / (rows.alpha(alpha_rows, alpha_f) - T(1));
+  V<T> tau, norm = vs<T>(T(1));
+  if (map == Map::sparsemax) tau = sparsemax_tau<T>(tile, m, mp, shift, total);
+  if (map == Map::entmax15) tau = entmax15_tau<T>(tile, m, mp, shift, total, max_iter);
+  if (map == Map::general) tau = entmax_tau<T>(tile, m, mp, shift, total, e, static_cast<T>(tol), max_iter);
+  if (map == Map::sparsemax) {  // normalised already
+    for (int64_t j = 0; j < m; ++j) {
+      const V<T> r = (tile[j] - shift) - tau;
+      rows.store(j, pick<T>(r > T(0), r, vs<T>(T(0))));
+    }
+  } else {
+    // the weights (before normalisation) into the tile, their sum per row (in double, as the row kernels' lane
+    // sums: the renormalisation's accuracy)
+    vd16 norm_sum = vd16{} + 0.0;
+    for (int64_t j = 0; j < m; ++j) {
+      const V<T> r = (tile[j] - shift) - tau;
+      const V<T> rp = pick<T>(r > T(0), r, vs<T>(T(0)));
+      const V<T> p = map == Map::entmax15 ? rp * rp : vpow(r, e - T(1)) * rp;
+      tile[j] = p;
+      norm_sum += to_double<T>(p);
+    }
+    norm = __builtin_convertvector(norm_sum, V<T>);
+    const auto scaled = norm > T(0);  // else (an all -inf row) norm 1
+    const V<T> inv = pick<T>(scaled, T(1) / pick<T>(scaled, norm, vs<T>(T(1))), vs<T>(T(1)));
+    for (int64_t j = 0; j < m; ++j) rows.store(j, tile[j] * inv);
+    norm = pick<T>(scaled, norm, vs<T>(T(1)));
+  }
+  for (int l = 0; l < rows.w; ++l) {
+    tau_out[rows.row[l]] = tau[l];
+    shift_out[rows.row[l]] = shift[l];
+    norm_out[rows.row[l]] = norm[l];
+  }
+  return 0;
+}
 
 template <typename T>
 int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows, double alpha_f,
                   double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  const int64_t mp = (m + U - 1) / U * U;
+  const int64_t mp = (m + U - 1) / U * U, full = n / LANES * LANES;
   std::vector<V<T>> tile(mp);
   const Map map = tile_map(kind, alpha_rows, alpha_f);
+  auto run = [&](const auto& rows) {
+    return forward_tile(rows, tile.data(), m, mp, map, alpha_rows, alpha_f, tol, max_iter, tau_out, shift_out,
+                        norm_out);
+  };
+  // gathered rows cost about 1.6x contiguous ones on the sparsemax and 1.5-entmax searches (a gather per entry
+  // against a load): their tails are gathered when at most half a tile; the general map's powers outweigh that
+  // (and only in blocks of fewer than 2^31 scores: 32-bit gather indices)
+  const bool gather = (map == Map::general || n - full <= LANES / 2) && groups * m * n < (int64_t(1) << 31);
+  const int64_t own = gather ? full : n;  // rows in each group's own tiles
+  Lanes<T, false> tiles{xt, n, LANES, {}, {}, vi{}};
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
-      const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
-      T* base = xt + g * m * n + i0;
-      const int64_t row = g * n + i0;
-      // statistics (and the copy into the tile): maximum, sum, NaN / +inf
-      V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0)), nan = vs<T>(T(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const V<T> v = load_lanes(base + j * n, w);
-        tile[j] = v;
-        mx = vmax<T>(mx, v);
-        sum += v;
-        abs_sum += vabs(v);
-        nan = pick<T>(v != v, vs<T>(T(1)), nan);
-      }
-      if (any_lane((nan != T(0)) | (mx == inf<T>()))) return 1;  // NaN or +inf in a row
-      for (int64_t j = m; j < mp; ++j) tile[j] = vs<T>(-inf<T>());
-      const V<T> shift = pick<T>(mx == -inf<T>(), vs<T>(T(0)), mx);
-      const T nt = static_cast<T>(m);
-      const V<T> total = (sum - nt * shift) - 4 * std::numeric_limits<T>::epsilon() * (abs_sum + nt * vabs(shift));
-      const V<T> alpha = lane_alpha(alpha_rows == nullptr ? nullptr : alpha_rows + row, w, alpha_f);
-      const V<T> e = T(1) / (alpha - T(1));
-      V<T> tau;
-      vd16 norm_sum = vd16{} + 0.0;  // in double, as the row kernels' lane sums: the renormalisation's accuracy
-      if (map == Map::sparsemax) tau = sparsemax_tau<T>(tile.data(), m, mp, shift, total);
-      if (map == Map::entmax15) tau = entmax15_tau<T>(tile.data(), m, mp, shift, total, max_iter);
-      if (map == Map::general) tau = entmax_tau<T>(tile.data(), m, mp, shift, total, e, static_cast<T>(tol), max_iter);
-      if (map == Map::sparsemax) {  // normalised already
-        for (int64_t j = 0; j < m; ++j) {
-          const V<T> r = (tile[j] - shift) - tau;
-          store_lanes(base + j * n, pick<T>(r > T(0), r, vs<T>(T(0))), w);
-        }
-        for (int l = 0; l < w; ++l) {
-          tau_out[row + l] = tau[l];
-          shift_out[row + l] = shift[l];
-          norm_out[row + l] = T(1);
-        }
-        continue;
-      }
-      // the weights (before normalisation) into the tile, their sum per row
-      for (int64_t j = 0; j < m; ++j) {
-        const V<T> r = (tile[j] - shift) - tau;
-        const V<T> rp = pick<T>(r > T(0), r, vs<T>(T(0)));
-        const V<T> p = map == Map::sparsemax ? rp : map == Map::entmax15 ? rp * rp : vpow(r, e - T(1)) * rp;
-        tile[j] = p;
-        norm_sum += to_double<T>(p);
-      }
-      V<T> norm = __builtin_convertvector(norm_sum, V<T>);
-      const auto scaled = norm > T(0);  // else (an all -inf row) norm 1
-      const V<T> inv = pick<T>(scaled, T(1) / pick<T>(scaled, norm, vs<T>(T(1))), vs<T>(T(1)));
-      for (int64_t j = 0; j < m; ++j) store_lanes(base + j * n, tile[j] * inv, w);
-      norm = pick<T>(scaled, norm, vs<T>(T(1)));
-      for (int l = 0; l < w; ++l) {
-        tau_out[row + l] = tau[l];
-        shift_out[row + l] = shift[l];
-        norm_out[row + l] = norm[l];
+    for (int64_t i0 = 0; i0 < own; i0 += LANES) {
+      tiles.ptr = xt + g * m * n + i0;
+      tiles.w = static_cast<int>(own - i0 < LANES ? own - i0 : LANES);
+      for (int l = 0; l < tiles.w; ++l) tiles.row[l] = g * n + i0 + l;
+      if (run(tiles) != 0) return 1;
+    }
+  }
+  Lanes<T, true> rest{xt, n, 0, {}, {}, vi{}};  // the groups' remaining rows, gathered
+  for (int64_t g = 0; g < groups && own < n; ++g) {
+    for (int64_t i = own; i < n; ++i) {
+      rest.row[rest.w] = g * n + i;
+      rest.idx[rest.w] = static_cast<int32_t>(g * m * n + i);
+      rest.off[rest.w++] = g * m * n + i;
+      if (rest.w == LANES || (g == groups - 1 && i == n - 1)) {
+        if (run(rest) != 0) return 1;
+        rest.w = 0;
       }
     }
   }
