@@ -146,16 +146,6 @@ inline void store_lanes<float>(float* out, V<float> v, int w) {
 }
 #endif
 
-// The per-row (per-lane) values of a tile: alpha, or the float alpha on every lane.
-template <typename T>
-inline V<T> lane_alpha(const T* alpha_rows, int w, double alpha_f) {
-  V<T> a = vs<T>(static_cast<T>(alpha_f));
-  if (alpha_rows != nullptr) {
-    for (int l = 0; l < LANES; ++l) a[l] = alpha_rows[l < w ? l : 0];
-  }
-  return a;
-}
-
 // The map of a call's tiles: a tensor alpha takes the general map on every lane.
 template <typename T>
 Map tile_map(int kind, const T* alpha_rows, double alpha_f) {
@@ -278,41 +268,48 @@ V<T> entmax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total,
   return tau;
 }
 
-// ---------------------------------------------------------------- forward
-// Where a tile's rows live: entry j of lane l at ptr[off[l] + j * n]. Consecutive rows of one group (the
-// full tiles) are one contiguous load per entry; the rows past a group's last full tile (n % LANES of them)
-// are gathered across groups into tiles of their own, so a group of 65 rows costs four tiles and a sixteenth,
-// not five (its one-row tail took a whole tile's passes: 13-15% of the forward on the ViT blocks).
+// ---------------------------------------------------------------- the tiles of a block
+// Where a tile's rows live in a (G, m, n) block: entry j of lane l at base[off[l] + j * n]. Consecutive rows of
+// one group (its own tiles) are one contiguous load per entry; the rows past a group's last full tile
+// (n % LANES of them) are gathered across groups into tiles of their own, so a group of 65 rows costs four tiles
+// and a sixteenth, not five (its one-row tail took a whole tile's passes: 13-15% of the forward on the ViT blocks).
 template <typename T, bool gathered>
 struct Lanes {
-  T* ptr;
   int64_t n;
   int w;  // lanes in use
   int64_t row[LANES];  // the row (g n + i) of each lane in use
-  int64_t off[LANES];  // lane l's entry 0 at ptr + off[l]
-
+  int64_t off[LANES];  // lane l's entry 0 at base + off[l] (own tiles: consecutive)
   vi idx;  // gathered float rows: off as 32-bit indices (blocks of fewer than 2^31 scores)
 
-  V<T> load(int64_t j) const {
-    if (!gathered) return load_lanes(ptr + j * n, w);
+  V<T> load(const T* base, int64_t j) const {
+    if (!gathered) return load_lanes(base + off[0] + j * n, w);
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == sizeof(float)) {
-      return (V<T>)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lane_mask(), to_m512i(idx), ptr + j * n, 4);
+      return (V<T>)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lane_mask(), to_m512i(idx), base + j * n, 4);
     }
 #endif
     V<T> v = vs<T>(T(0));
-    for (int l = 0; l < w; ++l) v[l] = ptr[off[l] + j * n];
+    for (int l = 0; l < w; ++l) v[l] = base[off[l] + j * n];
     return v;
   }
 
-  void store(int64_t j, V<T> v) const {
-    if (!gathered) return store_lanes(ptr + j * n, v, w);
+  void store(T* base, int64_t j, V<T> v) const {
+    if (!gathered) return store_lanes(base + off[0] + j * n, v, w);
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == sizeof(float)) {
-      return _mm512_mask_i32scatter_ps(ptr + j * n, lane_mask(), to_m512i(idx), (__m512)v, 4);
+      return _mm512_mask_i32scatter_ps(base + j * n, lane_mask(), to_m512i(idx), (__m512)v, 4);
     }
 #endif
-    for (int l = 0; l < w; ++l) ptr[off[l] + j * n] = v[l];
+    for (int l = 0; l < w; ++l) base[off[l] + j * n] = v[l];
+  }
+
+  // a per-row value of each lane (alpha, tau, ...); lanes past w repeat lane 0's (or `fill` without values)
+  V<T> per_row(const T* values, T fill) const {
+    V<T> a = vs<T>(fill);
+    if (values != nullptr) {
+      for (int l = 0; l < LANES; ++l) a[l] = values[row[l < w ? l : 0]];
+    }
+    return a;
   }
 
 #if defined(__AVX512F__)
@@ -323,25 +320,54 @@ struct Lanes {
     return r;
   }
 #endif
-
-  V<T> alpha(const T* alpha_rows, double alpha_f) const {  // per lane; lanes past w repeat lane 0's
-    V<T> a = vs<T>(static_cast<T>(alpha_f));
-    if (alpha_rows != nullptr) {
-      for (int l = 0; l < LANES; ++l) a[l] = alpha_rows[row[l < w ? l : 0]];
-    }
-    return a;
-  }
 };
+
+// Calls tile(lanes) for every tile of a (G, m, n) block: each group's own tiles, then (when `gather`) the
+// groups' remaining rows gathered. Gathered rows cost about 1.6x contiguous ones on the sparsemax and 1.5-entmax
+// searches (a gather per entry against a load), so callers gather those maps' tails only up to half a tile; the
+// general map's powers outweigh that. Stops at the first non-zero return (and returns it).
+template <typename T, typename F>
+int for_each_tile(int64_t groups, int64_t m, int64_t n, bool gather, F tile) {
+  gather = gather && groups * m * n < (int64_t(1) << 31);  // 32-bit gather indices
+  const int64_t own = gather ? n / LANES * LANES : n;  // rows in each group's own tiles
+  Lanes<T, false> tiles{n, LANES, {}, {}, vi{}};
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t i0 = 0; i0 < own; i0 += LANES) {
+      tiles.w = static_cast<int>(own - i0 < LANES ? own - i0 : LANES);
+      tiles.off[0] = g * m * n + i0;
+      for (int l = 0; l < tiles.w; ++l) tiles.row[l] = g * n + i0 + l;
+      if (const int status = tile(tiles)) return status;
+    }
+  }
+  Lanes<T, true> rest{n, 0, {}, {}, vi{}};
+  for (int64_t g = 0; g < groups && own < n; ++g) {
+    for (int64_t i = own; i < n; ++i) {
+      rest.row[rest.w] = g * n + i;
+      rest.idx[rest.w] = static_cast<int32_t>(g * m * n + i);
+      rest.off[rest.w++] = g * m * n + i;
+      if (rest.w == LANES || (g == groups - 1 && i == n - 1)) {
+        if (const int status = tile(rest)) return status;
+        rest.w = 0;
+      }
+    }
+  }
+  return 0;
+}
+
+// Whether a block's tails are gathered (see for_each_tile).
+inline bool gather_tails(Map map, int64_t n) { return map == Map::general || n % LANES <= LANES / 2; }
+
+// ---------------------------------------------------------------- forward
 
 // One tile's rows: the thresholds, maxima and normalisers per lane, the weights written over the scores.
 // Returns 1 on NaN / +inf in a row.
 template <typename T, bool G>
-int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map map, const T* alpha_rows,
+int forward_tile(const Lanes<T, G>& rows, T* xt, V<T>* tile, int64_t m, int64_t mp, Map map, const T* alpha_rows,
                  double alpha_f, double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
   // statistics (and the copy into the tile): maximum, sum, NaN / +inf
   V<T> mx = vs<T>(-inf<T>()), sum = vs<T>(T(0)), abs_sum = vs<T>(T(0)), nan = vs<T>(T(0));
   for (int64_t j = 0; j < m; ++j) {
-    const V<T> v = rows.load(j);
+    const V<T> v = rows.load(xt, j);
     tile[j] = v;
     mx = vmax<T>(mx, v);
     sum += v;
@@ -353,7 +379,7 @@ int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map
   const V<T> shift = pick<T>(mx == -inf<T>(), vs<T>(T(0)), mx);
   const T nt = static_cast<T>(m);
   const V<T> total = (sum - nt * shift) - 4 * std::numeric_limits<T>::epsilon() * (abs_sum + nt * vabs(shift));
-  const V<T> e = T(1) / (rows.alpha(alpha_rows, alpha_f) - T(1));
+  const V<T> e = T(1) / (rows.per_row(alpha_rows, static_cast<T>(alpha_f)) - T(1));
   V<T> tau, norm = vs<T>(T(1));
   if (map == Map::sparsemax) tau = sparsemax_tau<T>(tile, m, mp, shift, total);
   if (map == Map::entmax15) tau = entmax15_tau<T>(tile, m, mp, shift, total, max_iter);
@@ -361,7 +387,7 @@ int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map
   if (map == Map::sparsemax) {  // normalised already
     for (int64_t j = 0; j < m; ++j) {
       const V<T> r = (tile[j] - shift) - tau;
-      rows.store(j, pick<T>(r > T(0), r, vs<T>(T(0))));
+      rows.store(xt, j, pick<T>(r > T(0), r, vs<T>(T(0))));
     }
   } else {
     // the weights (before normalisation) into the tile, their sum per row (in double, as the row kernels' lane
@@ -377,7 +403,7 @@ int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map
     norm = __builtin_convertvector(norm_sum, V<T>);
     const auto scaled = norm > T(0);  // else (an all -inf row) norm 1
     const V<T> inv = pick<T>(scaled, T(1) / pick<T>(scaled, norm, vs<T>(T(1))), vs<T>(T(1)));
-    for (int64_t j = 0; j < m; ++j) rows.store(j, tile[j] * inv);
+    for (int64_t j = 0; j < m; ++j) rows.store(xt, j, tile[j] * inv);
     norm = pick<T>(scaled, norm, vs<T>(T(1)));
   }
   for (int l = 0; l < rows.w; ++l) {
@@ -391,40 +417,13 @@ int forward_tile(const Lanes<T, G>& rows, V<T>* tile, int64_t m, int64_t mp, Map
 template <typename T>
 int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows, double alpha_f,
                   double tol, int max_iter, T* tau_out, T* shift_out, T* norm_out) {
-  const int64_t mp = (m + U - 1) / U * U, full = n / LANES * LANES;
+  const int64_t mp = (m + U - 1) / U * U;
   std::vector<V<T>> tile(mp);
   const Map map = tile_map(kind, alpha_rows, alpha_f);
-  auto run = [&](const auto& rows) {
-    return forward_tile(rows, tile.data(), m, mp, map, alpha_rows, alpha_f, tol, max_iter, tau_out, shift_out,
+  return for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
+    return forward_tile(rows, xt, tile.data(), m, mp, map, alpha_rows, alpha_f, tol, max_iter, tau_out, shift_out,
                         norm_out);
-  };
-  // gathered rows cost about 1.6x contiguous ones on the sparsemax and 1.5-entmax searches (a gather per entry
-  // against a load): their tails are gathered when at most half a tile; the general map's powers outweigh that
-  // (and only in blocks of fewer than 2^31 scores: 32-bit gather indices)
-  const bool gather = (map == Map::general || n - full <= LANES / 2) && groups * m * n < (int64_t(1) << 31);
-  const int64_t own = gather ? full : n;  // rows in each group's own tiles
-  Lanes<T, false> tiles{xt, n, LANES, {}, {}, vi{}};
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i0 = 0; i0 < own; i0 += LANES) {
-      tiles.ptr = xt + g * m * n + i0;
-      tiles.w = static_cast<int>(own - i0 < LANES ? own - i0 : LANES);
-      for (int l = 0; l < tiles.w; ++l) tiles.row[l] = g * n + i0 + l;
-      if (run(tiles) != 0) return 1;
-    }
-  }
-  Lanes<T, true> rest{xt, n, 0, {}, {}, vi{}};  // the groups' remaining rows, gathered
-  for (int64_t g = 0; g < groups && own < n; ++g) {
-    for (int64_t i = own; i < n; ++i) {
-      rest.row[rest.w] = g * n + i;
-      rest.idx[rest.w] = static_cast<int32_t>(g * m * n + i);
-      rest.off[rest.w++] = g * m * n + i;
-      if (rest.w == LANES || (g == groups - 1 && i == n - 1)) {
-        if (run(rest) != 0) return 1;
-        rest.w = 0;
-      }
-    }
-  }
-  return 0;
+  });
 }
 
 // ---------------------------------------------------------------- backward
@@ -434,33 +433,31 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
 // xt: the scores (as the forward saw them), overwritten with the weights; gt: d loss / d p; dst: d loss / d x
 // (written); dalpha (nullable): d loss / d alpha per row (written). All (G, m, n), transposed like the forward.
 
-// One tile: LANES rows at x, gg, d + lane (entry j of a row at j * n), w of them real; returns d loss / d alpha
-// per lane when asked (else 0). Sums in double, as the row kernels': (alpha - 1)^-2 amplifies their rounding.
-template <typename T>
-V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m, int64_t n, int w, V<T> shift,
-                   V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
+// One tile's rows (lanes) of the blocks x, gg, d; returns d loss / d alpha per lane when asked (else 0). Sums in
+// double, as the row kernels': (alpha - 1)^-2 amplifies their rounding.
+template <typename T, bool G>
+V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m,
+                   V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
   const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1), scale = vpow(norm, alpha - T(2));
   vd16 s_gppr = vd16{} + 0.0, g_gppr = vd16{} + 0.0;
   for (int64_t j = 0; j < m; ++j) {  // the weights into x, gppr into d, their sums
-    const V<T> r = (load_lanes(x + j * n, w) - shift) - tau;
+    const V<T> r = (rows.load(x, j) - shift) - tau;
     const V<T> r_em1 = vpow(r, em1);
     const V<T> gp = r_em1 * scale;
-    store_lanes(x + j * n, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm, w);
-    store_lanes(d + j * n, gp, w);
+    rows.store(x, j, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm);
+    rows.store(d, j, gp);
     s_gppr += to_double<T>(gp);
-    g_gppr += to_double<T>(gp) * to_double<T>(load_lanes(gg + j * n, w));
+    g_gppr += to_double<T>(gp) * to_double<T>(rows.load(gg, j));
   }
   const vd16 tiny = vd16{} + static_cast<double>(std::numeric_limits<T>::min());
   const V<T> q = __builtin_convertvector(g_gppr / (s_gppr > tiny ? s_gppr : tiny), V<T>);
-  for (int64_t j = 0; j < m; ++j) {
-    store_lanes(d + j * n, load_lanes(d + j * n, w) * (load_lanes(gg + j * n, w) - q), w);
-  }
+  for (int64_t j = 0; j < m; ++j) rows.store(d, j, rows.load(d, j) * (rows.load(gg, j) - q));
   if (!need_alpha) return vs<T>(T(0));
   // Correia et al. 2019, eq. 12-14 (see separation.cpp)
   vd16 g_p = vd16{} + 0.0, plogp = vd16{} + 0.0, g_plogp = vd16{} + 0.0;
   for (int64_t j = 0; j < m; ++j) {
-    const V<T> pv = load_lanes(x + j * n, w);
-    const vd16 pd = to_double<T>(pv), gd = to_double<T>(load_lanes(gg + j * n, w));
+    const V<T> pv = rows.load(x, j);
+    const vd16 pd = to_double<T>(pv), gd = to_double<T>(rows.load(gg, j));
     const vd16 t = pd * to_double<T>(vlog(pv));
     g_p += gd * pd;
     plogp += t;
@@ -473,20 +470,17 @@ V<T> backward_tile(T* __restrict x, const T* __restrict gg, T* __restrict d, int
 template <typename T>
 void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, const T* alpha_rows,
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
-      const int w = static_cast<int>(n - i0 < LANES ? n - i0 : LANES);
-      const int64_t off = g * m * n + i0, row = g * n + i0;
-      const V<T> norm = load_lanes(norm_in + row, w);
-      const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));  // the lanes past w: 1
-      const V<T> alpha = lane_alpha(alpha_rows == nullptr ? nullptr : alpha_rows + row, w, alpha_f);
-      const V<T> da = backward_tile<T>(xt + off, gt + off, dst + off, m, n, w, load_lanes(shift_in + row, w),
-                                       load_lanes(tau_in + row, w), safe_norm, alpha, dalpha != nullptr);
-      if (dalpha != nullptr) {
-        for (int l = 0; l < w; ++l) dalpha[row + l] = da[l];
-      }
+  const Map map = tile_map(1, alpha_rows, alpha_f);  // (kind 1, entmax: the map follows alpha)
+  for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
+    const V<T> norm = rows.per_row(norm_in, T(1));
+    const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));
+    const V<T> da = backward_tile(rows, xt, gt, dst, m, rows.per_row(shift_in, T(0)), rows.per_row(tau_in, T(0)),
+                                  safe_norm, rows.per_row(alpha_rows, static_cast<T>(alpha_f)), dalpha != nullptr);
+    if (dalpha != nullptr) {
+      for (int l = 0; l < rows.w; ++l) dalpha[rows.row[l]] = da[l];
     }
-  }
+    return 0;
+  });
 }
 
 }  // namespace
