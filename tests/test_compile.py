@@ -1,8 +1,9 @@
 """`torch.compile` on the Hopfield layers and models: same outputs and gradients as eager.
 
-The sparse attention core is a `torch.library` custom op (one opaque node in the compiled graph, CPU
-worker threads included); the separation maps on materialised scores run eagerly behind a graph
-break. Compiling on CPU is slow, so the default suite compiles one tiny layer; every registered
+Under `torch.compile` the sparse attention core is a `torch.library` custom op (one opaque node in the
+compiled graph, CPU worker threads included); in eager mode the same implementation runs through a plain
+autograd function (no dispatcher cost), so every comparison here is also one between those two paths. The
+separation maps on materialised scores run eagerly behind a graph break. Compiling on CPU is slow, so the default suite compiles one tiny layer; every registered
 model configuration is compiled in the tests marked slow.
 """
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import hopformer.models  # noqa: F401  (registers the timm models)
-from hopformer.functional._separated_attention import _forward_op
+from hopformer.functional._separated_attention import _EagerCore, _forward_op
 from hopformer.layers import (
     ContinuousHopfield,
     GeneralizedSparseHopfield,
@@ -55,6 +56,27 @@ def test_custom_op_registration():
     for a_t, a_f, kind in ((None, 2.0, "sparsemax"), (alpha, 0.0, "entmax")):
         torch.library.opcheck(_forward_op, (q, k, v, beta, a_t, a_f, None, kind, 1e-12, 60),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind", ["sparsemax", "entmax"])
+def test_eager_core_equals_custom_op(kind):
+    """The eager autograd function and the custom op (the compiled path) give the same output and gradients of
+    q, k, v, beta and alpha (float64, bitwise: one implementation); a second derivative raises on both."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    inputs += [torch.full((3, 1, 1), 0.7, dtype=torch.float64), torch.full((3, 1, 1), 1.4, dtype=torch.float64)]
+    g = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    results = []
+    for path in (lambda *a: _forward_op(*a)[0], _EagerCore.apply):
+        q, k, v, beta, alpha = (t.clone().requires_grad_(True) for t in inputs)
+        a_t, a_f = (alpha, 0.0) if kind == "entmax" else (None, 2.0)
+        out = path(q, k, v, beta, a_t, a_f, None, kind, 1e-12, 60)
+        grads = torch.autograd.grad(out, [q, k, v, beta] + ([alpha] if a_t is not None else []), g, create_graph=True)
+        results.append([out.detach()] + [t.detach() for t in grads])
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(grads[0].sum(), q)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_compile_sparse_layer_matches_eager():

@@ -14,6 +14,8 @@ d/dalpha) is one call of the fused C++ kernels (`hopformer.functional._native`) 
 else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses). Rows of fewer than
 `_TILE_MAX` keys take the tile kernels: the block is computed transposed, `k q^T`, and 16 rows are
 separated together, one per vector lane (forward; backward for a general alpha).
+In eager mode the forward and backward run through a plain autograd function (`_EagerCore`); under
+`torch.compile` through the `torch.library` custom ops `_forward_op` / `_backward_op` (opaque nodes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from hopformer.functional._separation_kernels import (
     _MAX_NEWTON,
@@ -107,8 +110,7 @@ def _use_tiles(native, m: int) -> bool:
     return native is not None and m < _TILE_MAX and get_kernel_path() != "rows"
 
 
-@torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())
-def _forward_op(
+def _forward_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -126,8 +128,7 @@ def _forward_op(
     alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
     `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
     per-row threshold, row maximum and normaliser the backward recomputes the weights from.
-    A `torch.library` custom op, so `torch.compile` treats it as one opaque node (the CPU worker
-    threads stay out of the traced graph).
+    Called directly in eager mode (`_EagerCore`); under `torch.compile` through the custom op `_forward_op`.
     """
     groups, n, _ = q.shape
     m = k.shape[1]
@@ -176,7 +177,7 @@ def _forward_op(
 
 
 def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm) -> None:
-    """`_forward_op` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`."""
+    """`_forward_impl` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`."""
     groups, n, _ = q.shape
     m = k.shape[1]
     qs, scale = _scaled_queries(q, beta, a_t if a_t is not None else alpha_f, kind)
@@ -197,14 +198,18 @@ def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_ite
     _parallel(job, len(blocks), q.device)
 
 
+# `torch.library` custom ops, so `torch.compile` treats the core as opaque nodes (the CPU worker threads stay
+# out of the traced graph)
+_forward_op = torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())(_forward_impl)
+
+
 @_forward_op.register_fake
 def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
     groups, n, _ = q.shape
     return q.new_empty(groups, n, v.shape[-1]), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1)
 
 
-@torch.library.custom_op("hopformer::separated_attention_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     g_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -220,7 +225,7 @@ def _backward_op(
     need_beta: bool,
     need_alpha: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of `_forward_op`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
+    """Backward of `_forward_impl`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
     asked for). Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
     Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds."""
     groups, n, _ = q.shape
@@ -348,6 +353,9 @@ def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga) -> N
         gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs])
 
 
+_backward_op = torch.library.custom_op("hopformer::separated_attention_backward", mutates_args=())(_backward_impl)
+
+
 @_backward_op.register_fake
 def _backward_fake(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha):
     dbeta = beta.new_empty(beta.shape) if need_beta else q.new_empty(0)
@@ -362,17 +370,38 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm)
 
 
-def _backward(ctx, g_out, g_tau, g_shift, g_norm):
+def _input_grads(ctx, g_out, backward) -> tuple:
+    """The gradients of the core's ten inputs from `backward` (`_backward_op` or `_backward_impl`)."""
     q, k, v, beta, a_t, mask, tau, shift, norm = ctx.saved_tensors
     need_beta, need_alpha = ctx.needs_input_grad[3], a_t is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbeta, dalpha = _backward_op(
-        g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha
-    )
+    dq, dk, dv, dbeta, dalpha = backward(g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind,
+                                         need_beta, need_alpha)
     return (dq, dk, dv, dbeta if need_beta else None, dalpha if need_alpha else None,
             None, None, None, None, None)
 
 
+def _backward(ctx, g_out, g_tau, g_shift, g_norm):
+    return _input_grads(ctx, g_out, _backward_op)
+
+
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCore(torch.autograd.Function):
+    """The core in eager mode: the same forward and backward as the custom ops, called directly. Dispatching a
+    custom op and its Python autograd wrapper (filling the schema's defaults, redispatching) cost about as much
+    per call as SDPA's whole forward and backward on a small input; `torch.compile` takes the custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
+        out, tau, shift, norm = _forward_impl(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter)
+        _setup_context(ctx, (q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter), (out, tau, shift, norm))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        return _input_grads(ctx, g_out, _backward_impl)
 
 
 def _scaled_queries(q, beta, alpha, kind: str):
@@ -512,5 +541,6 @@ def separated_attention_core(
         tol = _default_tol(cdtype)
     a_t, a_f = (a, 0.0) if isinstance(a, torch.Tensor) else (None, a)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        out = _forward_op(q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))[0]
+        args = (q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))
+        out = _forward_op(*args)[0] if torch.compiler.is_compiling() else _EagerCore.apply(*args)
     return out.reshape(*lead, n, values.shape[-1]).to(dtype)
