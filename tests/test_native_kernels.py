@@ -6,6 +6,7 @@ scores, worker-count invariance, and the build: the cache folder, and the fallba
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import pytest
@@ -290,6 +291,27 @@ def test_without_a_compiler_the_torch_kernels_run_with_one_warning(fresh_build, 
     with pytest.raises(RuntimeError, match="set_kernel_path\\('native'\\).*nonexistent"):
         separated_attention(q, k, v, separation="entmax15")
     assert not list(fresh_build.glob("*.so"))
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("march", ["x86-64-v2", "haswell"])
+def test_builds_for_older_cpus(fresh_build, monkeypatch, march):
+    """Built for CPUs without AVX-512 (haswell: AVX2 + FMA) or without FMA (x86-64-v2, $HOPFORMER_NATIVE_MARCH):
+    float32 as close to float64 as the torch ops on long rows with alpha near 1 (a power's exponent of 49, where
+    the no-FMA power lost twice torch's accuracy until its exponent was formed in double), on tiles and on short
+    general rows; float64 equal to the torch-op kernels."""
+    monkeypatch.setenv("HOPFORMER_NATIVE_MARCH", march)
+    if _native.load() is None:
+        pytest.skip(f"no build for -march={march}: {_native.error()}")
+    assert len(list(fresh_build.glob("separation-*.so"))) == 1
+    for separation, n, m, scale in [("per_head", 9, 515, 1.5), ("per_head", 65, 65, 1.5), (1.3, 40, 20, 3.0),
+                                    ("entmax15", 9, 1000, 0.05)]:
+        q, k, v = qkv(1, 4, n, m, scale=scale)
+        mask = torch.rand(n, m, generator=torch.Generator().manual_seed(2)) > 0.2
+        truth = run_on_path("torch", q, k, v, _separation(separation, torch.float64), mask)
+        assert_float32_no_worse("native", "torch", q, k, v, _separation(separation, torch.float32), truth, mask)
+        _assert_native_matches("torch", q, k, v, _separation(separation, torch.float64), mask)
 
 
 def _maps(path, z, alpha):

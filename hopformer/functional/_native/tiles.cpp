@@ -89,10 +89,7 @@ inline V<double> vsqrt(V<double> v) {
 }
 
 // r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h; double: libm).
-inline V<float> vpow(V<float> r, V<float> y) {
-  const vf tiny = splat(std::numeric_limits<float>::min());
-  return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
-}
+inline V<float> vpow(V<float> r, V<float> y) { return pow_pos(r, y); }
 
 inline V<double> vpow(V<double> r, V<double> y) {
   V<double> out;

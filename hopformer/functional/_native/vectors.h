@@ -50,7 +50,9 @@ inline bool any(vi mask) {  // whether a lane of a comparison's mask is set
 #endif
 }
 
-inline vf log2_pos(vf x) {  // x positive normal floats
+// log2 x = e + ln_m / ln 2 for positive normal floats: the exponent e (an integer, as a float) and ln m,
+// m in [0.71, 1.41].
+inline void log2_parts(vf x, vf* e_out, vf* ln_m_out) {
   const vi bits = (vi)x;
   vi e = ((bits >> 23) & 255) - 127;
   vf m = (vf)((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
@@ -58,25 +60,56 @@ inline vf log2_pos(vf x) {  // x positive normal floats
   m = select(high, m * 0.5f, m);  // [0.71, 1.41]
   e = e - high;  // high is -1 where true
   const vf t = (m - 1.0f) / (m + 1.0f), t2 = t * t;  // ln m = 2 atanh t, |t| <= 0.172
-  const vf ln_m = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
-  return __builtin_convertvector(e, vf) + ln_m * 1.44269504f;
+  *ln_m_out = 2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+  *e_out = __builtin_convertvector(e, vf);
+}
+
+inline vf log2_pos(vf x) {  // x positive normal floats
+  vf e, ln_m;
+  log2_parts(x, &e, &ln_m);
+  return e + ln_m * 1.44269504f;
+}
+
+// 2^n e^f for integer-valued n in [-126, 127] and |f| <= 0.35.
+inline vf exp2_parts(vf fn, vf f) {
+  const vf poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
+                  f * (1.0f / 720 + f * (1.0f / 5040)))))));
+  return poly * (vf)((__builtin_convertvector(fn, vi) + 127) << 23);
 }
 
 inline vf exp2_clamped(vf x) {  // 2^x for x in [-126, 127] (clamped)
   x = select(x < splat(-126.0f), splat(-126.0f), x);
   x = select(x > splat(127.0f), splat(127.0f), x);
   const vf fn = (x + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vf f = (x - fn) * 0.693147181f;  // 2^(x - n) = e^f, |f| <= 0.347
-  const vf poly = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 +
-                  f * (1.0f / 720 + f * (1.0f / 5040)))))));
-  return poly * (vf)((__builtin_convertvector(fn, vi) + 127) << 23);
+  return exp2_parts(fn, (x - fn) * 0.693147181f);  // 2^(x - n) = e^f, |f| <= 0.347
 }
 
-// r^y for r > 0 (r clamped to the smallest normal number), 0 for r <= 0: the one power of every kernel.
-inline vf pow_pos(vf r, float y) {
+// r^y per lane for r > 0 (r clamped to the smallest normal number), 0 for r <= 0: the one power of every kernel.
+#if defined(__FMA__)
+inline vf pow_pos(vf r, vf y) {
   const vf tiny = splat(std::numeric_limits<float>::min());
   return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
 }
+#else
+// Without fused multiply-adds, the float exponent y log2 r took two roundings more, which large y amplify: at
+// alpha = 1.02 (y = 49) float32 rows lost twice the accuracy of torch.pow. So y (e + ln m / ln 2) is formed and
+// split into 2^n e^f in double there (the vector polynomials stay in float).
+inline vf pow_pos(vf r, vf y) {
+  typedef double vd16_t __attribute__((vector_size(16 * sizeof(double))));
+  const vf tiny = splat(std::numeric_limits<float>::min());
+  vf e, ln_m;
+  log2_parts(select(r > tiny, r, tiny), &e, &ln_m);
+  const vd16_t yd = __builtin_convertvector(y, vd16_t);
+  vd16_t x = yd * __builtin_convertvector(e, vd16_t) + yd * (__builtin_convertvector(ln_m, vd16_t) * 1.4426950408889634);
+  x = x < -126.0 ? vd16_t{} - 126.0 : x;
+  x = x > 127.0 ? vd16_t{} + 127.0 : x;
+  const vd16_t fn = (x + 6755399441055744.0) - 6755399441055744.0;  // round to nearest (1.5 * 2^52)
+  const vf f = __builtin_convertvector((x - fn) * 0.6931471805599453, vf);
+  return select(r > splat(0.0f), exp2_parts(__builtin_convertvector(fn, vf), f), splat(0.0f));
+}
+#endif
+
+inline vf pow_pos(vf r, float y) { return pow_pos(r, splat(y)); }
 
 inline double pow_pos(double r, double y) {
   const double tiny = std::numeric_limits<double>::min();
