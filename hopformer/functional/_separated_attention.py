@@ -114,7 +114,7 @@ def _forward_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    beta: Tensor,
+    beta: Optional[Tensor],
     a_t: Optional[Tensor],
     alpha_f: float,
     mask: Optional[Tensor],
@@ -124,7 +124,7 @@ def _forward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
 
-    `beta` `(G, 1, 1)`, `mask` additive `(G, n or 1, m)` or boolean (True = take part) or None,
+    `beta` `(G, 1, 1)`, or None when `q` holds `(alpha - 1) beta q` already (a float alpha), `mask` additive `(G, n or 1, m)` or boolean (True = take part) or None,
     alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
     `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
     per-row threshold, row maximum and normaliser the backward recomputes the weights from.
@@ -214,7 +214,7 @@ def _backward_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    beta: Tensor,
+    beta: Optional[Tensor],
     a_t: Optional[Tensor],
     alpha_f: float,
     mask: Optional[Tensor],
@@ -226,7 +226,8 @@ def _backward_impl(
     need_alpha: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `_forward_impl`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
-    asked for). Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
+    asked for; with `beta` None, `dq` and `dk` are those of the scaled queries and `dbeta` is empty).
+    Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
     Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds."""
     groups, n, _ = q.shape
     m = k.shape[1]
@@ -288,9 +289,15 @@ def _backward_impl(
                     else:
                         total[gs] = part
             done.add(key)
+    dalpha = dalpha if dalpha is not None else q.new_empty(0)
+    if beta is None:  # q = (alpha - 1) beta q': scores x = q k^T, so d/dq and d/dk are 1 / (alpha - 1) times those
+        if scale is not None:
+            dq.mul_(1.0 / scale)
+            dk.mul_(1.0 / scale)
+        return dq, dk, dv, q.new_empty(0), dalpha
     # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group; dq and dk take their beta in place
     dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if need_beta else q.new_empty(0)
-    return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha if dalpha is not None else q.new_empty(0)
+    return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha
 
 
 def _row_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
@@ -406,13 +413,13 @@ class _EagerCore(torch.autograd.Function):
 
 def _scaled_queries(q, beta, alpha, kind: str):
     """`((alpha - 1) beta q, alpha - 1)`: folding the scales into the (small) queries saves full passes over
-    each block of scores (for sparsemax the scale is 1 and None is returned). One query-sized tensor: the
+    each block of scores (for sparsemax the scale is 1 and None is returned; `beta` None: `q` is scaled already). One query-sized tensor: the
     factor is formed on the small `beta` / `alpha` first (a second query-sized product cost as much as a
     block's matmuls, most of it page faults of the fresh allocation)."""
-    if kind == "sparsemax":
-        return q * beta, None
-    scale = alpha - 1.0
-    return q * (beta * scale), scale
+    scale = None if kind == "sparsemax" else alpha - 1.0
+    if beta is None:
+        return q, scale
+    return (q * beta, None) if scale is None else (q * (beta * scale), scale)
 
 
 def _units(blocks: List[Tuple[slice, slice]]) -> List[List[Tuple[slice, slice]]]:
@@ -522,25 +529,26 @@ def separated_attention_core(
         zero = (query.sum() + keys.sum() + values.sum()) * 0.0
         return zero.to(values.dtype).expand(*lead, n, values.shape[-1]).clone()
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    q = _groups(query.to(cdtype), lead, (n, query.shape[-1])).contiguous()
-    k = _groups(keys.to(cdtype), lead, (m, keys.shape[-1])).contiguous()
-    v = _groups(values.to(cdtype), lead, (m, values.shape[-1])).contiguous()
-    if isinstance(beta, torch.Tensor):
-        b = _groups(beta.to(cdtype), lead, (1, 1)).contiguous()
-    else:
-        b = torch.full((q.shape[0], 1, 1), float(beta), dtype=cdtype, device=q.device)
-    if mask is not None:
-        mask = _groups(mask if mask.dtype == torch.bool else mask.to(cdtype), lead, (-1, m)).contiguous()
-    if isinstance(alpha, torch.Tensor):
-        a = _groups(alpha.to(cdtype), lead, (-1, 1)).contiguous()
-        kind = "entmax"
-    else:
-        a = float(alpha)
-        kind = "sparsemax" if a == 2.0 else "entmax"
-    if tol is None:
-        tol = _default_tol(cdtype)
-    a_t, a_f = (a, 0.0) if isinstance(a, torch.Tensor) else (None, a)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        k = _groups(keys.to(cdtype), lead, (m, keys.shape[-1])).contiguous()
+        v = _groups(values.to(cdtype), lead, (m, values.shape[-1])).contiguous()
+        if mask is not None:
+            mask = _groups(mask if mask.dtype == torch.bool else mask.to(cdtype), lead, (-1, m)).contiguous()
+        if isinstance(alpha, torch.Tensor):  # the core scales the queries by beta and alpha - 1 per row
+            a_t, a_f, kind = _groups(alpha.to(cdtype), lead, (-1, 1)).contiguous(), 0.0, "entmax"
+            q = _groups(query.to(cdtype), lead, (n, query.shape[-1])).contiguous()
+            if isinstance(beta, torch.Tensor):
+                b = _groups(beta.to(cdtype), lead, (1, 1)).contiguous()
+            else:
+                b = torch.full((q.shape[0], 1, 1), float(beta), dtype=cdtype, device=q.device)
+        else:  # the queries arrive scaled by beta (alpha - 1): that product is their grouping copy (autograd: dbeta)
+            a_t, a_f, b = None, float(alpha), None
+            kind = "sparsemax" if a_f == 2.0 else "entmax"
+            factor = 1.0 if kind == "sparsemax" else a_f - 1.0
+            scaled = query.to(cdtype) * (beta.to(cdtype) * factor if isinstance(beta, torch.Tensor) else float(beta) * factor)
+            q = _groups(scaled, lead, (n, query.shape[-1])).contiguous()
+        if tol is None:
+            tol = _default_tol(cdtype)
         args = (q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))
         out = _forward_op(*args)[0] if torch.compiler.is_compiling() else _EagerCore.apply(*args)
     return out.reshape(*lead, n, values.shape[-1]).to(dtype)
