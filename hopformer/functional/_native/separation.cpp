@@ -17,6 +17,7 @@
 //
 // Return value of the forward: 0 on success, 1 if a row holds NaN or +inf (the caller raises).
 
+#include <algorithm>
 #include <vector>
 
 #include "vectors.h"
@@ -307,6 +308,58 @@ inline void entmax15_tau(const T* const* x, int count, const int64_t* len, const
   }
 }
 
+// A start for the alpha-entmax search on long rows, above its mean bound: a Newton step (as in entmax_tau) on
+// the maxima of the candidates' 16 lanes (entry j in lane j mod 16). The threshold of any subset of a row's
+// entries is a lower bound on the row's, and Newton from the left on a subset stays below the subset's (a step
+// that would go back, where the subset's threshold is below tau already, is not taken). The candidates above
+// the start are then all the search sees (on attention rows of 256 / 1024 scores at alpha = 1.3 about a third
+// of the candidates: two steps left 79 / 160 of 177 / 554), and it takes about one pass fewer. The forward took
+// 0.84-0.93x the time on rows of 256 and 1024 at alpha = 1.3 and 1.6. The steps of a group's rows are
+// independent chains (their latency, a power, a lane sum and a power again, overlaps).
+constexpr int SUBSET_STEPS = 1;  // a second step: 0.92-0.95x instead of 0.84-0.93x
+typedef double vdl __attribute__((vector_size(LANES * sizeof(double))));
+
+inline vf lane_maxima(const float* y, int64_t n, float base) {
+  vi lane;
+  for (int j = 0; j < LANES; ++j) lane[j] = j;
+  vf lm = splat(-inf<float>());
+  for (int64_t j0 = 0; j0 < n; j0 += LANES) {
+    const int64_t len = n - j0 < LANES ? n - j0 : LANES;
+    const vf v = select(lane < static_cast<int32_t>(len), load(y + j0, len) - base, splat(-inf<float>()));
+    lm = select(v > lm, v, lm);
+  }
+  return lm;
+}
+
+inline vdl lane_maxima(const double* y, int64_t n, double base) {
+  vdl lm = vdl{} - inf<double>();
+  for (int64_t j = 0; j < n; ++j) lm[j % LANES] = std::max(lm[j % LANES], y[j] - base);
+  return lm;
+}
+
+// One Newton step from tau on the 16 values lm (tau itself when it would not move right).
+inline float subset_step(vf lm, float tau, float e) {
+  const vf r = lm - tau;
+  const vf pw = pow_pos(r, e - 1.0f);  // 0 off the support
+  const double s = lane_sum(pw), f = lane_sum(pw * select(r > splat(0.0f), r, splat(0.0f)));
+  if (!(f > 0.0)) return tau;
+  const float fr = static_cast<float>(f), big_f = pow_scalar(fr, 1.0f / e);
+  const float next = tau + (big_f - 1.0f) * fr / (big_f * static_cast<float>(s));
+  return next > tau ? next : tau;
+}
+
+inline double subset_step(vdl lm, double tau, double e) {
+  double s = 0, f = 0;
+  for (int l = 0; l < LANES; ++l) {
+    const double r = lm[l] - tau, pw = pow_pos(r, e - 1.0);
+    s += pw;
+    f += r > 0.0 ? pw * r : 0.0;
+  }
+  if (!(f > 0.0)) return tau;
+  const double big_f = pow_scalar(f, 1.0 / e), next = tau + (big_f - 1.0) * f / (big_f * s);
+  return next > tau ? next : tau;
+}
+
 // alpha-entmax thresholds of y = x - shift (x scaled by alpha - 1), e = 1 / (alpha - 1): Newton from the left
 // on ||(y - tau)_+||_e = 1; the step taken at | ||.||_e - 1 | <= tol is the last (or it stops when it
 // stalls). Every iterate is a lower bound, so only the entries above it can be in the support: on rows with
@@ -328,6 +381,26 @@ inline void entmax_tau(const T* const* x, int count, const int64_t* len, const T
     const T mean_bound = total[r] / nr - pow_scalar(nr, -T(1) / e[r]);
     if (mean_bound > tau[r]) tau[r] = mean_bound;
     live[r] = true;
+  }
+  {  // long rows (with scratch): the lane-maxima start, then only the candidates above it
+    decltype(lane_maxima(y[0], 0, T(0))) lm[GROUP];
+    T mean_bound[GROUP];
+    for (int r = 0; r < count; ++r) {
+      if (cand[r] != nullptr) lm[r] = lane_maxima(y[r], k[r], base[r]);
+      mean_bound[r] = tau[r];
+    }
+    for (int it = 0; it < SUBSET_STEPS; ++it) {
+      for (int r = 0; r < count; ++r) {
+        if (cand[r] != nullptr) tau[r] = subset_step(lm[r], tau[r], e[r]);
+      }
+    }
+    for (int r = 0; r < count; ++r) {
+      if (cand[r] != nullptr && tau[r] > mean_bound[r]) {
+        k[r] = keep_above(y[r], k[r], base[r], tau[r], cand[r], static_cast<T*>(nullptr));
+        y[r] = cand[r];
+        base[r] = T(0);
+      }
+    }
   }
   for (int it = 0; it < max_iter; ++it) {
     double s_em1[GROUP], f[GROUP];
