@@ -6,9 +6,11 @@ backward pass recomputes each block's scores with one matmul and its weights fro
 elementwise pass (`p = (x - tau)_+^(1/(alpha-1)) / norm`), the flash-attention idea applied to
 sparsemax / entmax (Peters et al. 2019; Correia et al. 2019). Memory is O(rows) instead of
 O(rows * keys) and every intermediate stays in cache on CPU. The scales beta and alpha - 1 are
-folded into the (small) queries, the thresholds are solved for `x - max x` (float precision for
-large scores), and d/dbeta is read off `dq` (`sum <d/d(qk^T) k, q>`), so a block costs two
-matmuls and the threshold iteration forward, five matmuls and a few elementwise passes backward.
+folded into the (small) queries (for a float alpha before the core, by the product that is also their
+grouping copy, autograd taking d/dbeta; for a tensor alpha inside it, d/dbeta read off `dq`,
+`sum <d/d(qk^T) k, q>`), and the thresholds are solved for `x - max x` (float precision for large
+scores), so a block costs two matmuls and the threshold iteration forward, five matmuls and a few
+elementwise passes backward.
 On CPU the row work of a block (row maxima, thresholds, normalisers, weights; backward: weights, `ds`,
 d/dalpha) is one call of the fused C++ kernels (`hopformer.functional._native`) when they are built,
 else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses). Rows of fewer than
@@ -124,7 +126,8 @@ def _forward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
 
-    `beta` `(G, 1, 1)`, or None when `q` holds `(alpha - 1) beta q` already (a float alpha), `mask` additive `(G, n or 1, m)` or boolean (True = take part) or None,
+    `beta` `(G, 1, 1)`, or None when `q` holds `(alpha - 1) beta q` already (a float alpha); `mask` additive
+    `(G, n or 1, m)` or boolean (True = take part) or None;
     alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
     `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
     per-row threshold, row maximum and normaliser the backward recomputes the weights from.

@@ -2,7 +2,8 @@
 `tiles.cpp` (short rows, transposed, 16 rows at a time) and their shared `vectors.h`.
 
 The source is plain C++ (no torch headers), built once by any C++17 compiler (`$CXX`, else `c++`, `g++` or
-`clang++` on the PATH): about 6 s with GCC at -O3 (the two sources compile in parallel). The library is cached under
+`clang++` on the PATH): about 6 s with GCC at -O3 (the two sources compile in parallel), for the machine's own
+CPU (`$HOPFORMER_NATIVE_MARCH=<cpu>` builds for another, `-march=<cpu>`). The library is cached under
 `$HOPFORMER_CACHE_DIR` (default `$XDG_CACHE_HOME/hopformer`, i.e. `~/.cache/hopformer`), keyed by the
 source, the flags, the compiler and the CPU, and loaded with ctypes (whose calls release the GIL, so the
 sparse kernels' worker threads run blocks in parallel). Without a compiler the torch-op kernels are used
@@ -29,13 +30,6 @@ HEADERS = [Path(__file__).with_name("vectors.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
 ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
-# $HOPFORMER_NATIVE_MARCH=<cpu> builds for that CPU only (`-march=<cpu>`, e.g. x86-64-v2 for a CPU without FMA,
-# haswell for AVX2): a portable library, or a check of the kernels on older instruction sets
-
-
-def _arch_flags() -> tuple:
-    march = os.environ.get("HOPFORMER_NATIVE_MARCH", "").strip()
-    return ([f"-march={march}"],) if march else ARCH_FLAGS
 KINDS = {"sparsemax": 0, "entmax": 1}
 ABI_VERSION = 2
 
@@ -76,12 +70,24 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
+def _arch_flags() -> tuple:
+    """`ARCH_FLAGS`, or `-march=$HOPFORMER_NATIVE_MARCH` alone when that is set (e.g. x86-64-v2 for a CPU without
+    FMA, haswell for AVX2: a portable library, or a check of the kernels on older instruction sets)."""
+    march = os.environ.get("HOPFORMER_NATIVE_MARCH", "").strip()
+    return ([f"-march={march}"],) if march else ARCH_FLAGS
+
+
 def _run(cmds: list) -> Optional[str]:
     """Run the commands concurrently; None when all succeed, else what went wrong."""
-    try:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
-    except OSError as exc:
-        return f"{' '.join(cmds[0])}: {exc}"
+    procs = []
+    for cmd in cmds:
+        try:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        except OSError as exc:
+            for proc in procs:
+                proc.kill()
+                proc.communicate()
+            return f"{' '.join(cmd)}: {exc}"
     problems = []
     for cmd, proc in zip(cmds, procs):
         try:
