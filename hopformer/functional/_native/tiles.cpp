@@ -266,38 +266,39 @@ V<T> entmax_tau(const V<T>* tile, int64_t m, int64_t mp, V<T> shift, V<T> total,
 }
 
 // ---------------------------------------------------------------- the tiles of a block
-// Where a tile's rows live in a (G, m, n) block: entry j of lane l at base[off[l] + j * n]. Consecutive rows of
-// one group (its own tiles) are one contiguous load per entry; the rows past a group's last full tile
-// (n % LANES of them) are gathered across groups into tiles of their own, so a group of 65 rows costs four tiles
-// and a sixteenth, not five (its one-row tail took a whole tile's passes: 13-15% of the forward on the ViT blocks).
+// Where a tile's rows live in a (G, m, n) block: entry j of lane l at base[start + l + j * n] (a group's own
+// tiles: one contiguous load per entry) or base[idx[l] + j * n] (gathered). The rows past a group's last full
+// tile (n % LANES of them) are gathered across groups into tiles of their own, so a group of 65 rows costs four
+// tiles and a sixteenth, not five (its one-row tail took a whole tile's passes: 13-15% of the forward on the
+// ViT blocks).
 template <typename T, bool gathered>
 struct Lanes {
   int64_t n;
   int w;  // lanes in use
+  int64_t start;  // own tiles: lane l's entry 0 at base + start + l
   int64_t row[LANES];  // the row (g n + i) of each lane in use
-  int64_t off[LANES];  // lane l's entry 0 at base + off[l] (own tiles: consecutive)
-  vi idx;  // gathered float rows: off as 32-bit indices (blocks of fewer than 2^31 scores)
+  vi idx;  // gathered tiles: lane l's entry 0 at base + idx[l] (blocks of fewer than 2^31 scores)
 
   V<T> load(const T* base, int64_t j) const {
-    if (!gathered) return load_lanes(base + off[0] + j * n, w);
+    if (!gathered) return load_lanes(base + start + j * n, w);
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == sizeof(float)) {
       return (V<T>)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lane_mask(), to_m512i(idx), base + j * n, 4);
     }
 #endif
     V<T> v = vs<T>(T(0));
-    for (int l = 0; l < w; ++l) v[l] = base[off[l] + j * n];
+    for (int l = 0; l < w; ++l) v[l] = base[idx[l] + j * n];
     return v;
   }
 
   void store(T* base, int64_t j, V<T> v) const {
-    if (!gathered) return store_lanes(base + off[0] + j * n, v, w);
+    if (!gathered) return store_lanes(base + start + j * n, v, w);
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == sizeof(float)) {
       return _mm512_mask_i32scatter_ps(base + j * n, lane_mask(), to_m512i(idx), (__m512)v, 4);
     }
 #endif
-    for (int l = 0; l < w; ++l) base[off[l] + j * n] = v[l];
+    for (int l = 0; l < w; ++l) base[idx[l] + j * n] = v[l];
   }
 
   // a per-row value of each lane (alpha, tau, ...); lanes past w repeat lane 0's (or `fill` without values)
@@ -327,21 +328,20 @@ template <typename T, typename F>
 int for_each_tile(int64_t groups, int64_t m, int64_t n, bool gather, F tile) {
   gather = gather && groups * m * n < (int64_t(1) << 31);  // 32-bit gather indices
   const int64_t own = gather ? n / LANES * LANES : n;  // rows in each group's own tiles
-  Lanes<T, false> tiles{n, LANES, {}, {}, vi{}};
+  Lanes<T, false> tiles{n, LANES, 0, {}, vi{}};
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t i0 = 0; i0 < own; i0 += LANES) {
       tiles.w = static_cast<int>(own - i0 < LANES ? own - i0 : LANES);
-      tiles.off[0] = g * m * n + i0;
+      tiles.start = g * m * n + i0;
       for (int l = 0; l < tiles.w; ++l) tiles.row[l] = g * n + i0 + l;
       if (const int status = tile(tiles)) return status;
     }
   }
-  Lanes<T, true> rest{n, 0, {}, {}, vi{}};
+  Lanes<T, true> rest{n, 0, 0, {}, vi{}};
   for (int64_t g = 0; g < groups && own < n; ++g) {
     for (int64_t i = own; i < n; ++i) {
       rest.row[rest.w] = g * n + i;
-      rest.idx[rest.w] = static_cast<int32_t>(g * m * n + i);
-      rest.off[rest.w++] = g * m * n + i;
+      rest.idx[rest.w++] = static_cast<int32_t>(g * m * n + i);
       if (rest.w == LANES || (g == groups - 1 && i == n - 1)) {
         if (const int status = tile(rest)) return status;
         rest.w = 0;
@@ -467,7 +467,7 @@ V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict
 template <typename T>
 void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, const T* alpha_rows,
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
-  const Map map = tile_map(1, alpha_rows, alpha_f);  // (kind 1, entmax: the map follows alpha)
+  const Map map = tile_map(ENTMAX, alpha_rows, alpha_f);
   for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
     const V<T> norm = rows.per_row(norm_in, T(1));
     const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));

@@ -14,7 +14,7 @@
 
 namespace hop {
 
-constexpr int SPARSEMAX = 0;
+constexpr int SPARSEMAX = 0, ENTMAX = 1;  // the kernels' `kind` (KINDS in __init__.py)
 
 // The separation map of a row: sparsemax, the exact 1.5-entmax or the general alpha-entmax.
 enum class Map { sparsemax, entmax15, general };
