@@ -17,6 +17,7 @@ from einops import rearrange, reduce, repeat
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
+from ..functional.heads import split_heads
 from .continuous import as_memory
 from .interface import HopfieldInterface
 from .kernel import UHopFeatureMap
@@ -213,7 +214,7 @@ class HopfieldAttention(HopfieldInterface, Attention):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.feature_map is None:
-            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+            q, k, v = split_heads(self.qkv(x), 3, self.num_heads)
             return self.q_norm(q), self.k_norm(k), v
         phi = self.feature_map(x)
         if self.feature_map.kernel_dim == self.feature_map.dim:
@@ -222,7 +223,7 @@ class HopfieldAttention(HopfieldInterface, Attention):
             qk, v = F.linear(phi, w_qk, b_qk), F.linear(x, w_v, b_v)
         else:
             qk, v = self.qk(phi), self.v(x)
-        q, k = rearrange(qk, "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        q, k = split_heads(qk, 2, self.num_heads)
         v = rearrange(v, "b n (h d) -> b h n d", h=self.num_heads)
         return self.q_norm(q), self.k_norm(k), v
 
