@@ -18,6 +18,7 @@ from torch import nn
 
 import hopformer.models  # noqa: F401  (registers the timm models)
 from hopformer.functional._separated_attention import _EagerCore, _forward_op
+import hopformer.functional._separated_attention as sa
 from hopformer.layers import (
     ContinuousHopfield,
     GeneralizedSparseHopfield,
@@ -58,10 +59,18 @@ def test_custom_op_registration():
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept-weights"])
 @pytest.mark.parametrize("kind", ["sparsemax", "entmax"])
-def test_eager_core_equals_custom_op(kind):
+def test_eager_core_equals_custom_op(kind, keep, monkeypatch):
     """The eager autograd function and the custom op (the compiled path) give the same output and gradients of
-    q, k, v, beta and alpha (float64, bitwise: one implementation); a second derivative raises on both."""
+    q, k, v, beta and alpha (float64; bitwise when the eager forward keeps no weights: one implementation; to
+    rounding when its backward reads the kept weights); a second derivative raises on both."""
+    kept = []
+    if keep:
+        real = sa._kept_weights
+        monkeypatch.setattr(sa, "_kept_weights", lambda *a: kept.append(real(*a)) or kept[-1])
+    else:
+        monkeypatch.setattr(sa, "_kept_weights", lambda *a: None)
     gen = torch.Generator().manual_seed(1)
     inputs = [torch.randn(3, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
     inputs += [torch.full((3, 1, 1), 0.7, dtype=torch.float64), torch.full((3, 1, 1), 1.4, dtype=torch.float64)]
@@ -75,8 +84,13 @@ def test_eager_core_equals_custom_op(kind):
         results.append([out.detach()] + [t.detach() for t in grads])
         with pytest.raises(RuntimeError):
             torch.autograd.grad(grads[0].sum(), q)
+    if keep:
+        assert len(kept) == 1 and kept[0] is not None and kept[0].shape == (3, 6, 6)
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        if keep:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+        else:
+            assert torch.equal(a, b)
 
 
 def test_compile_sparse_layer_matches_eager():

@@ -157,8 +157,9 @@ def test_tiles_match_rows_float64(separation, n, m, restore_path):
 @pytest.mark.parametrize("n", [33, 14])
 def test_tile_kernels_match_row_kernels(kind, alpha, per_row, dtype, n):
     """The C++ calls themselves, every map in both directions (the tile backward takes the alpha-entmax formula
-    for every map; the attention core calls it for a general alpha): weights, thresholds, d loss / d scores
-    and d loss / d alpha of transposed blocks equal the row kernels' on the same rows, with -inf entries, an
+    for every map; the attention core calls it for a general alpha; from kept weights, each map's own): weights,
+    thresholds, d loss / d scores and d loss / d alpha of transposed blocks equal the row kernels' on the same
+    rows, with -inf entries, an
     all -inf row, one-lane tails gathered across groups (n = 33) and tails of 14 lanes (n = 14: gathered for a
     general alpha, else each group's own masked tile)."""
     gen = torch.Generator().manual_seed(6)
@@ -179,20 +180,27 @@ def test_tile_kernels_match_row_kernels(kind, alpha, per_row, dtype, n):
     assert (stats_t[0] - stats_r[0]).abs().max() <= eps  # thresholds
     g = torch.randn(rows, m, generator=gen).to(dtype)
     grads = []
-    for tiles, stats in ((False, stats_r), (True, stats_t)):
+    for path in ("rows", "tiles", "kept weights"):
         ds = torch.empty(rows, m, dtype=dtype)
         da = torch.empty(rows, dtype=dtype) if per_row else None
-        if tiles:
-            x_b, g_b, ds_b = (t.view(groups, n, m).transpose(1, 2).contiguous() for t in (x.reshape(rows, m), g, ds))
-            _native.backward_tiles(x_b, g_b, ds_b, alpha_rows, alpha, *stats, da)
-            ds = ds_b.transpose(1, 2).reshape(rows, m)
+        if path == "rows":
+            _native.backward(x.reshape(rows, m).clone(), g, ds, kind, alpha_rows, alpha, *stats_r, da)
         else:
-            _native.backward(x.reshape(rows, m).clone(), g, ds, kind, alpha_rows, alpha, *stats, da)
+            g_b, ds_b = (t.view(groups, n, m).transpose(1, 2).contiguous() for t in (g, ds))
+            if path == "tiles":  # from the scores and the forward's statistics
+                x_b = x.transpose(1, 2).contiguous()
+                _native.backward_tiles(x_b, g_b, ds_b, alpha_rows, alpha, *stats_t, da)
+            else:  # from the weights the forward wrote (read only)
+                kept = x_t.clone()
+                _native.backward_tiles(kept, g_b, ds_b, alpha_rows, alpha, None, None, None, da, kind)
+                assert torch.equal(kept, x_t)
+            ds = ds_b.transpose(1, 2).reshape(rows, m)
         grads.append((ds, da))
-    assert (grads[0][0] - grads[1][0]).abs().max() <= 10 * eps
-    if per_row:  # d/dalpha: (alpha - 1)^-2 times a difference of sums, relative to its largest entry
-        relative = 1e-4 if dtype == torch.float32 else 1e-11
-        assert (grads[0][1] - grads[1][1]).abs().max() <= relative * grads[0][1].abs().max()
+    for ds, da in grads[1:]:
+        assert (grads[0][0] - ds).abs().max() <= 10 * eps
+        if per_row:  # d/dalpha: (alpha - 1)^-2 times a difference of sums, relative to its largest entry
+            relative = 1e-4 if dtype == torch.float32 else 1e-11
+            assert (grads[0][1] - da).abs().max() <= relative * grads[0][1].abs().max()
 
 
 @needs_native
@@ -347,3 +355,42 @@ def test_unwritable_cache_folder_builds_in_a_temporary_one(fresh_build, monkeypa
     blocker.write_text("")
     monkeypatch.setenv("HOPFORMER_CACHE_DIR", str(blocker / "cache"))  # mkdir fails: a file is in the way
     assert _native.load() is not None and _native.error() is None
+
+
+@needs_native
+@pytest.mark.parametrize("separation", SEPARATIONS)
+def test_kept_weights_backward(separation, restore_path, monkeypatch):
+    """Short rows whose weights fit in the inputs' memory: the eager forward keeps them and the backward reads
+    them (no scores recomputed). Gradients (float64, with a mask and an all-masked row) equal the recomputing
+    backward's to rounding, and gradcheck holds on the kept path; nothing is kept without grad, under
+    inference mode, or when the weights would outgrow q, k, v."""
+    import hopformer.functional._separated_attention as sa
+
+    set_kernel_path("native")
+    real, kept = sa._kept_weights, []
+    monkeypatch.setattr(sa, "_kept_weights", lambda *a: kept.append(real(*a)) or kept[-1])
+    q, k, v = qkv(2, 4, 21, 19, 8, seed=3)
+    mask = torch.rand(2, 4, 21, 19, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[0, 0, 0] = False
+    sep = _separation(separation, torch.float64)
+    new = run_on_path("native", q, k, v, sep, mask)
+    assert len(kept) == 1 and kept[0] is not None and kept[0].shape == (8, 19, 21)
+    monkeypatch.setattr(sa, "_kept_weights", lambda *a: None)
+    ref = run_on_path("native", q, k, v, sep, mask)
+    for a, b in zip(new, ref):
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item())
+    monkeypatch.setattr(sa, "_kept_weights", lambda *a: kept.append(real(*a)) or kept[-1])
+    small = qkv(1, 4, 5, 9, 3, seed=4)
+    if isinstance(sep, torch.Tensor):  # alpha = 2 is the boundary: gradcheck's steps must stay inside [1, 2]
+        sep = torch.tensor([1.05, 1.5, 1.95, 1.99], dtype=torch.float64).reshape(4, 1, 1).requires_grad_(True)
+    inputs = small + ((sep,) if isinstance(sep, torch.Tensor) else ())
+    assert torch.autograd.gradcheck(lambda q, k, v, *a: separated_attention(q, k, v, separation=a[0] if a else sep),
+                                    inputs, eps=1e-6, atol=1e-5)
+    assert kept[-1] is not None
+    kept.clear()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            separated_attention(q, k, v, separation=sep, mask=mask)
+    assert kept == []
+    separated_attention(*qkv(1, 4, 40, 40, 4), separation=sep)  # 40 x 40 weights > 40 x (4 + 4 + 4)
+    assert kept == [None]

@@ -124,6 +124,23 @@ def _forward_impl(
     tol: float,
     max_iter: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The custom op's forward (see `_forward_blocks`): keeps no weights."""
+    return _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter)
+
+
+def _forward_blocks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Optional[Tensor],
+    a_t: Optional[Tensor],
+    alpha_f: float,
+    mask: Optional[Tensor],
+    kind: str,
+    tol: float,
+    max_iter: int,
+    weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
 
     `beta` `(G, 1, 1)`, or None when `q` holds `(alpha - 1) beta q` already (a float alpha); `mask` additive
@@ -131,6 +148,7 @@ def _forward_impl(
     alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
     `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
     per-row threshold, row maximum and normaliser the backward recomputes the weights from.
+    `weights` `(G, m, n)` (see `_keeps_weights`): filled with the weights, transposed, for the backward.
     Called directly in eager mode (`_EagerCore`); under `torch.compile` through the custom op `_forward_op`.
     """
     groups, n, _ = q.shape
@@ -142,7 +160,8 @@ def _forward_impl(
     alpha = a_t if a_t is not None else alpha_f
     native = _row_kernels(q, m, kind, a_t, alpha_f)
     if _use_tiles(native, m):
-        _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm)
+        _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm,
+                       weights)
         return out, tau, shift, norm
     qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
@@ -179,19 +198,21 @@ def _forward_impl(
     return out, tau, shift, norm
 
 
-def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm) -> None:
-    """`_forward_impl` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`."""
+def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm,
+                   weights) -> None:
+    """`_forward_blocks` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`,
+    in the workspace or, when kept, in `weights`."""
     groups, n, _ = q.shape
     m = k.shape[1]
     qs, scale = _scaled_queries(q, beta, a_t if a_t is not None else alpha_f, kind)
     blocks = list(_blocks(groups, n, m, q.device, _LANES))
 
     def job(part):
-        ws = _Workspace(q, n, m, 1, _LANES)
+        ws = _Workspace(q, n, m, 1 if weights is None else 0, _LANES)
         for i in part:
             gs, rs = blocks[i]
             shape = (gs.stop - gs.start, m, rs.stop - rs.start)
-            xt = ws.get(0, shape)
+            xt = ws.get(0, shape) if weights is None else weights[gs]  # kept: whole groups per block
             torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
             _add_mask(xt, mask, gs, rs, scale, transposed=True)
             native.forward_tiles(xt, kind, _alpha_rows(a_t, gs, rs), alpha_f, tol, max_iter, tau[gs, rs].view(-1),
@@ -228,20 +249,43 @@ def _backward_impl(
     need_beta: bool,
     need_alpha: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of `_forward_impl`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
+    """The custom op's backward (see `_backward_blocks`): the weights recomputed."""
+    return _backward_blocks(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha)
+
+
+def _backward_blocks(
+    g_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Optional[Tensor],
+    a_t: Optional[Tensor],
+    alpha_f: float,
+    mask: Optional[Tensor],
+    tau: Tensor,
+    shift: Tensor,
+    norm: Tensor,
+    kind: str,
+    need_beta: bool,
+    need_alpha: bool,
+    weights: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `_forward_blocks`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
     asked for; with `beta` None, `dq` and `dk` are those of the scaled queries and `dbeta` is empty).
     Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
-    Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds."""
+    Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds, or read from
+    `weights` when the forward kept them."""
     groups, n, _ = q.shape
     m = k.shape[1]
     need_alpha = a_t is not None and need_alpha
     alpha = a_t if a_t is not None else alpha_f
     native = _row_kernels(q, m, kind, a_t, alpha_f)
-    # the tile backward for a general alpha (its powers run 16 rows a vector); sparsemax and 1.5-entmax rows
-    # have no powers to take and their row backward streams through the block faster (0.75x the tiles' time)
-    tiles = _use_tiles(native, m) and _general(kind, a_t, alpha_f)
+    # the tile backward for a general alpha (its powers run 16 rows a vector) or kept weights; sparsemax and
+    # 1.5-entmax rows have no powers to take and their row backward from the scores streams through the block
+    # faster (0.75x the tiles' time)
+    tiles = weights is not None or (_use_tiles(native, m) and _general(kind, a_t, alpha_f))
     lanes = _LANES if tiles else 1
-    qs, scale = _scaled_queries(q, beta, alpha, kind)
+    qs, scale = _scaled_queries(q, beta if weights is None else None, alpha, kind)  # kept weights: qs unused
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
     blocks = list(_blocks(groups, n, m, q.device, lanes))
     g_out = g_out.contiguous()
@@ -272,9 +316,12 @@ def _backward_impl(
                 ga = dalpha[gs].zero_() if need_alpha else None
             for b, (gs, rs) in enumerate(items[u]):
                 go = g_out[gs, rs]
-                block_grads = _tile_block_grads if tiles else _row_block_grads
-                p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f,
-                                          (tau, shift, norm), need_alpha)
+                if weights is not None:
+                    p3, ds3, da = _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha)
+                else:
+                    block_grads = _tile_block_grads if tiles else _row_block_grads
+                    p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f,
+                                              (tau, shift, norm), need_alpha)
                 _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga)
 
     _parallel(job, len(items), q.device)
@@ -349,6 +396,19 @@ def _tile_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, 
     return xt.transpose(1, 2), dst.transpose(1, 2), da
 
 
+def _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha):
+    """As `_tile_block_grads`, from the weights the forward kept (`weights[gs]`, whole groups): no scores to
+    recompute (one matmul of the block's five)."""
+    pt = weights[gs]
+    shape = pt.shape
+    dpt = ws.get(1, shape)
+    torch.bmm(v[gs], go.transpose(1, 2), out=dpt)
+    dst = ws.get(2, shape)
+    da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
+    native.backward_tiles(pt, dpt, dst, _alpha_rows(a_t, gs, rs), alpha_f, None, None, None, da, kind)
+    return pt.transpose(1, 2), dst.transpose(1, 2), da
+
+
 def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga) -> None:
     """From a block's weights `p3` and d loss / d scores `ds3` `(groups, rows, m)`: its rows of `dq`, and its
     share of `gk`, `gv` (written by the unit's first block, `b == 0`, else added) and `ga` (when `da` is given)."""
@@ -373,19 +433,20 @@ def _backward_fake(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, k
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbeta, dalpha
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs, output, weights: Optional[Tensor] = None) -> None:
     q, k, v, beta, a_t, alpha_f, mask, kind, _, _ = inputs
     _, tau, shift, norm = output
     ctx.kind, ctx.alpha_f = kind, alpha_f
-    ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm)
+    ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm, weights)
 
 
 def _input_grads(ctx, g_out, backward) -> tuple:
-    """The gradients of the core's ten inputs from `backward` (`_backward_op` or `_backward_impl`)."""
-    q, k, v, beta, a_t, mask, tau, shift, norm = ctx.saved_tensors
+    """The gradients of the core's ten inputs from `backward` (`_backward_op` or `_backward_impl`; with kept
+    weights, eager only, `_backward_blocks` on them)."""
+    q, k, v, beta, a_t, mask, tau, shift, norm, weights = ctx.saved_tensors
     need_beta, need_alpha = ctx.needs_input_grad[3], a_t is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbeta, dalpha = backward(g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind,
-                                         need_beta, need_alpha)
+    args = (g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha)
+    dq, dk, dv, dbeta, dalpha = backward(*args) if weights is None else _backward_blocks(*args, weights)
     return (dq, dk, dv, dbeta if need_beta else None, dalpha if need_alpha else None,
             None, None, None, None, None)
 
@@ -404,14 +465,30 @@ class _EagerCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
-        out, tau, shift, norm = _forward_impl(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter)
-        _setup_context(ctx, (q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter), (out, tau, shift, norm))
+        weights = _kept_weights(q, k, kind, a_t, alpha_f, v.shape[-1]) if any(ctx.needs_input_grad[:5]) else None
+        out, tau, shift, norm = _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, weights)
+        _setup_context(ctx, (q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter), (out, tau, shift, norm),
+                       weights)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
         return _input_grads(ctx, g_out, _backward_impl)
+
+
+def _kept_weights(q: Tensor, k: Tensor, kind: str, a_t: Optional[Tensor], alpha_f: float, dv: int) -> Optional[Tensor]:
+    """A `(G, m, n)` tensor for the forward to keep its weights in (transposed, as the tile kernels write them), or
+    None. Kept on the tile path when whole groups make a block and the weights take no more memory than q, k, v
+    together (memory stays O(inputs)): the backward then reads them instead of recomputing the scores, one of
+    its five matmuls (at L = 65 about a tenth of the core's forward and backward)."""
+    groups, n, d = q.shape
+    m = k.shape[1]
+    if not _use_tiles(_row_kernels(q, m, kind, a_t, alpha_f), m) or n * m > n * d + m * (d + dv):
+        return None
+    if _block_rows(groups, n, m, q.device, _LANES)[1] != n:
+        return None
+    return q.new_empty(groups, m, n)
 
 
 def _scaled_queries(q, beta, alpha, kind: str):
@@ -553,5 +630,10 @@ def separated_attention_core(
         if tol is None:
             tol = _default_tol(cdtype)
         args = (q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))
-        out = _forward_op(*args)[0] if torch.compiler.is_compiling() else _EagerCore.apply(*args)
+        if torch.compiler.is_compiling():
+            out = _forward_op(*args)[0]
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, b, a_t)):
+            out = _EagerCore.apply(*args)
+        else:  # no autograd record (and no weights kept for a backward)
+            out = _forward_blocks(*args)[0]
     return out.reshape(*lead, n, values.shape[-1]).to(dtype)

@@ -31,7 +31,7 @@ FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", 
 # tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
 ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
 KINDS = {"sparsemax": 0, "entmax": 1}
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
@@ -129,7 +129,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "forward": [ptr, ptr, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr],
         "backward": [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr],
         "forward_tiles": [ptr, i64, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr],
-        "backward_tiles": [ptr, ptr, ptr, i64, i64, i64, ptr, f64, ptr, ptr, ptr, ptr],
+        "backward_tiles": [ptr, ptr, ptr, i64, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr],
     }
     for name, argtypes in signatures.items():
         for suffix in ("f32", "f64"):
@@ -235,13 +235,16 @@ def forward_tiles(xt: torch.Tensor, kind: str, alpha_rows: Optional[torch.Tensor
 
 
 def backward_tiles(xt: torch.Tensor, gt: torch.Tensor, dst: torch.Tensor, alpha_rows: Optional[torch.Tensor],
-                   alpha: float, tau: torch.Tensor, shift: torch.Tensor, norm: torch.Tensor,
-                   dalpha: Optional[torch.Tensor]) -> None:
-    """`backward` on transposed rows `(G, m, n)` (as `forward_tiles`), by the alpha-entmax formula for every map
-    (alpha = 2: sparsemax's, 1.5: 1.5-entmax's): `xt` the scores (overwritten with the weights), `gt`
-    d loss / d p; writes `dst` = d loss / d x and, when given, `dalpha` per row."""
+                   alpha: float, tau: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                   norm: Optional[torch.Tensor], dalpha: Optional[torch.Tensor], kind: str = "entmax") -> None:
+    """`backward` on transposed rows `(G, m, n)` (as `forward_tiles`): writes `dst` = d loss / d x and, when given,
+    `dalpha` per row, from `gt` = d loss / d p and either the scores `xt` with the forward's `tau`, `shift`,
+    `norm` (overwritten with the weights; the alpha-entmax formula for every map: alpha = 2 is sparsemax's, 1.5
+    1.5-entmax's) or, with `tau`, `shift`, `norm` None, the weights `xt` the forward kept (read only; `kind`
+    and alpha name the map)."""
     lib = load()
     suffix = _check(xt.dtype, xt, gt, dst, alpha_rows, tau, shift, norm, dalpha)
     groups, m, n = xt.shape
-    getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, _ptr(alpha_rows),
-                                                 float(alpha), _ptr(tau), _ptr(shift), _ptr(norm), _ptr(dalpha))
+    getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, KINDS[kind],
+                                                 _ptr(alpha_rows), float(alpha), _ptr(tau), _ptr(shift), _ptr(norm),
+                                                 _ptr(dalpha))

@@ -626,6 +626,6 @@ int hop_backward_f64(double* x, const double* g, double* ds, int64_t rows, int64
   return 0;
 }
 
-int hop_abi_version() { return 2; }
+int hop_abi_version() { return 3; }
 
 }  // extern "C"

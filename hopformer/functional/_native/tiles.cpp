@@ -16,7 +16,8 @@
 // float64 result as the row kernels'). A tile whose rows have a tensor alpha takes the general map on every
 // lane (alpha = 2 is sparsemax there: r^0 = 1 on the support). Backward: eq. 10 of Peters et al. 2019 and,
 // for alpha, Correia et al. 2019, eq. 12-14, from the saved (shift, tau, norm), as in separation.cpp (the
-// attention core takes it for a general alpha; sparsemax and 1.5-entmax rows go back to the row backward).
+// attention core takes it for a general alpha; sparsemax and 1.5-entmax rows go back to the row backward), or
+// from the weights themselves when the forward kept them (any map).
 
 #include <vector>
 
@@ -424,27 +425,46 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
 }
 
 // ---------------------------------------------------------------- backward
-// The alpha-entmax backward for every lane, whatever map its forward took: gppr = p^(2 - alpha) =
+// From the scores: the alpha-entmax backward for every lane, whatever map its forward took: gppr = p^(2 - alpha) =
 // r^(e - 1) norm^(alpha - 2) is the support indicator at alpha = 2 and sqrt(p) at 1.5, so one formula serves
 // (the attention core calls this for a general alpha; sparsemax and 1.5-entmax rows take the row backward).
-// xt: the scores (as the forward saw them), overwritten with the weights; gt: d loss / d p; dst: d loss / d x
-// (written); dalpha (nullable): d loss / d alpha per row (written). All (G, m, n), transposed like the forward.
+// From the weights (tau == nullptr: the forward kept them in xt, for any map): gppr from p by the map.
+// xt: the scores (as the forward saw them), overwritten with the weights, or the weights; gt: d loss / d p;
+// dst: d loss / d x (written); dalpha (nullable): d loss / d alpha per row (written). All (G, m, n), transposed like
+// the forward.
 
 // One tile's rows (lanes) of the blocks x, gg, d; returns d loss / d alpha per lane when asked (else 0). Sums in
-// double, as the row kernels': (alpha - 1)^-2 amplifies their rounding.
+// double, as the row kernels': (alpha - 1)^-2 amplifies their rounding. `given`: x holds the weights already (the
+// forward kept them) and gppr is taken from them by the lanes' map (shift, tau, norm unused); else x holds the
+// scores and is overwritten with the weights.
 template <typename T, bool G>
 V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m,
-                   V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
-  const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1), scale = vpow(norm, alpha - T(2));
+                   Map map, bool given, V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
   vd16 s_gppr = vd16{} + 0.0, g_gppr = vd16{} + 0.0;
-  for (int64_t j = 0; j < m; ++j) {  // the weights into x, gppr into d, their sums
-    const V<T> r = (rows.load(x, j) - shift) - tau;
-    const V<T> r_em1 = vpow(r, em1);
-    const V<T> gp = r_em1 * scale;
-    rows.store(x, j, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm);
+  auto add = [&](int64_t j, V<T> gp) {  // gppr of entry j into d, and into the sums
     rows.store(d, j, gp);
     s_gppr += to_double<T>(gp);
     g_gppr += to_double<T>(gp) * to_double<T>(rows.load(gg, j));
+  };
+  if (given && map == Map::sparsemax) {  // gppr: the support indicator
+    for (int64_t j = 0; j < m; ++j) add(j, pick<T>(rows.load(x, j) > T(0), vs<T>(T(1)), vs<T>(T(0))));
+  } else if (given && map == Map::entmax15) {  // gppr = sqrt(p)
+    for (int64_t j = 0; j < m; ++j) add(j, vsqrt(rows.load(x, j)));
+  } else if (given) {  // gppr = p^(2 - alpha) on the support
+    const V<T> y = T(2) - alpha;
+    for (int64_t j = 0; j < m; ++j) {
+      const V<T> p = rows.load(x, j);
+      const auto in = p > T(0);
+      add(j, pick<T>(in, vpow(pick<T>(in, p, vs<T>(T(1))), y), vs<T>(T(0))));
+    }
+  } else {  // the weights into x; gppr = r^(e - 1) norm^(alpha - 2), whatever map the forward took
+    const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1), scale = vpow(norm, alpha - T(2));
+    for (int64_t j = 0; j < m; ++j) {
+      const V<T> r = (rows.load(x, j) - shift) - tau;
+      const V<T> r_em1 = vpow(r, em1);
+      rows.store(x, j, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm);
+      add(j, r_em1 * scale);
+    }
   }
   const vd16 tiny = vd16{} + static_cast<double>(std::numeric_limits<T>::min());
   const V<T> q = __builtin_convertvector(g_gppr / (s_gppr > tiny ? s_gppr : tiny), V<T>);
@@ -465,14 +485,16 @@ V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict
 }
 
 template <typename T>
-void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, const T* alpha_rows,
+void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64_t n, int kind, const T* alpha_rows,
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
-  const Map map = tile_map(ENTMAX, alpha_rows, alpha_f);
+  const bool given = tau_in == nullptr;  // xt holds the weights (see backward_tile)
+  const Map map = given ? tile_map(kind, alpha_rows, alpha_f) : tile_map(ENTMAX, alpha_rows, alpha_f);
   for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
     const V<T> norm = rows.per_row(norm_in, T(1));
     const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));
-    const V<T> da = backward_tile(rows, xt, gt, dst, m, rows.per_row(shift_in, T(0)), rows.per_row(tau_in, T(0)),
-                                  safe_norm, rows.per_row(alpha_rows, static_cast<T>(alpha_f)), dalpha != nullptr);
+    const V<T> da = backward_tile(rows, xt, gt, dst, m, map, given, rows.per_row(shift_in, T(0)),
+                                  rows.per_row(tau_in, T(0)), safe_norm,
+                                  rows.per_row(alpha_rows, static_cast<T>(alpha_f)), dalpha != nullptr);
     if (dalpha != nullptr) {
       for (int l = 0; l < rows.w; ++l) dalpha[rows.row[l]] = da[l];
     }
@@ -494,17 +516,17 @@ int hop_forward_tiles_f64(double* xt, int64_t groups, int64_t m, int64_t n, int 
   return forward_tiles<double>(xt, groups, m, n, kind, alpha_rows, alpha_f, tol, max_iter, tau, shift, norm);
 }
 
-int hop_backward_tiles_f32(float* xt, const float* gt, float* dst, int64_t groups, int64_t m, int64_t n,
+int hop_backward_tiles_f32(float* xt, const float* gt, float* dst, int64_t groups, int64_t m, int64_t n, int kind,
                            const float* alpha_rows, double alpha_f, const float* tau, const float* shift,
                            const float* norm, float* dalpha) {
-  backward_tiles<float>(xt, gt, dst, groups, m, n, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  backward_tiles<float>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
   return 0;
 }
 
-int hop_backward_tiles_f64(double* xt, const double* gt, double* dst, int64_t groups, int64_t m, int64_t n,
+int hop_backward_tiles_f64(double* xt, const double* gt, double* dst, int64_t groups, int64_t m, int64_t n, int kind,
                            const double* alpha_rows, double alpha_f, const double* tau, const double* shift,
                            const double* norm, double* dalpha) {
-  backward_tiles<double>(xt, gt, dst, groups, m, n, alpha_rows, alpha_f, tau, shift, norm, dalpha);
+  backward_tiles<double>(xt, gt, dst, groups, m, n, kind, alpha_rows, alpha_f, tau, shift, norm, dalpha);
   return 0;
 }
 
