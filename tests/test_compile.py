@@ -55,16 +55,17 @@ def test_custom_op_registration():
     beta = torch.full((2, 1, 1), 0.5, dtype=torch.float64, requires_grad=True)
     alpha = torch.full((2, 1, 1), 1.4, dtype=torch.float64, requires_grad=True)
     for a_t, a_f, kind in ((None, 2.0, "sparsemax"), (alpha, 0.0, "entmax")):
-        torch.library.opcheck(_forward_op, (q, k, v, beta, a_t, a_f, None, kind, 1e-12, 60),
+        torch.library.opcheck(_forward_op, (q, k, v, beta, a_t, a_f, None, kind, 1e-12, 60, 1.0),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept-weights"])
-@pytest.mark.parametrize("kind", ["sparsemax", "entmax"])
+@pytest.mark.parametrize("kind", ["sparsemax", "entmax", "float alpha"])
 def test_eager_core_equals_custom_op(kind, keep, monkeypatch):
     """The eager autograd function and the custom op (the compiled path) give the same output and gradients of
     q, k, v, beta and alpha (float64; bitwise when the eager forward keeps no weights: one implementation; to
-    rounding when its backward reads the kept weights); a second derivative raises on both."""
+    rounding when its backward reads the kept weights); a second derivative raises on both. "float alpha": a float
+    beta and alpha, taken on the score matmuls (`q_scale`), no beta input."""
     kept = []
     if keep:
         real = sa._kept_weights
@@ -78,9 +79,11 @@ def test_eager_core_equals_custom_op(kind, keep, monkeypatch):
     results = []
     for path in (lambda *a: _forward_op(*a)[0], _EagerCore.apply):
         q, k, v, beta, alpha = (t.clone().requires_grad_(True) for t in inputs)
-        a_t, a_f = (alpha, 0.0) if kind == "entmax" else (None, 2.0)
-        out = path(q, k, v, beta, a_t, a_f, None, kind, 1e-12, 60)
-        grads = torch.autograd.grad(out, [q, k, v, beta] + ([alpha] if a_t is not None else []), g, create_graph=True)
+        args = {"sparsemax": (beta, None, 2.0, "sparsemax", 1.0), "entmax": (beta, alpha, 0.0, "entmax", 1.0),
+                "float alpha": (None, None, 1.4, "entmax", 0.7 * 0.4)}[kind]
+        out = path(q, k, v, args[0], args[1], args[2], None, args[3], 1e-12, 60, args[4])
+        wrt = [q, k, v] + [t for t in args[:2] if t is not None]
+        grads = torch.autograd.grad(out, wrt, g, create_graph=True)
         results.append([out.detach()] + [t.detach() for t in grads])
         with pytest.raises(RuntimeError):
             torch.autograd.grad(grads[0].sum(), q)

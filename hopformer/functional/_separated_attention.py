@@ -123,9 +123,10 @@ def _forward_impl(
     kind: str,
     tol: float,
     max_iter: int,
+    q_scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The custom op's forward (see `_forward_blocks`): keeps no weights."""
-    return _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter)
+    return _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale)
 
 
 def _forward_blocks(
@@ -139,6 +140,7 @@ def _forward_blocks(
     kind: str,
     tol: float,
     max_iter: int,
+    q_scale: float = 1.0,
     weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of `Sep(beta q k^T + mask) v` on `(G, n, d)`, `(G, m, d)`, `(G, m, dv)`.
@@ -148,7 +150,9 @@ def _forward_blocks(
     alpha the tensor `a_t` `(G, n or 1, 1)` or (when `a_t` is None) the float `alpha_f` in (1, 2];
     `kind` is "sparsemax" or "entmax". Returns `(out, tau, shift, norm)`: the read-out and the
     per-row threshold, row maximum and normaliser the backward recomputes the weights from.
-    `weights` `(G, m, n)` (see `_keeps_weights`): filled with the weights, transposed, for the backward.
+    `q_scale`: a float the scores are multiplied by on the matmul (`beta (alpha - 1)` of a float beta, with `beta`
+    None: the queries come unscaled, no query-sized product); `weights` `(G, m, n)` (see `_kept_weights`): filled
+    with the weights, transposed, for the backward.
     Called directly in eager mode (`_EagerCore`); under `torch.compile` through the custom op `_forward_op`.
     """
     groups, n, _ = q.shape
@@ -161,7 +165,7 @@ def _forward_blocks(
     native = _row_kernels(q, m, kind, a_t, alpha_f)
     if _use_tiles(native, m):
         _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm,
-                       weights)
+                       q_scale, weights)
         return out, tau, shift, norm
     qs, scale = _scaled_queries(q, beta, alpha, kind)
     k_t = k.transpose(1, 2)
@@ -172,7 +176,7 @@ def _forward_blocks(
         for i in part:
             gs, rs = blocks[i]
             x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
-            torch.bmm(qs[gs, rs], k_t[gs], out=x)  # x = (alpha - 1) (beta q k^T + mask)
+            _matmul(qs[gs, rs], k_t[gs], x, q_scale)  # x = (alpha - 1) (beta q k^T + mask)
             _add_mask(x, mask, gs, rs, scale)
             rows = x.view(-1, m)
             if native is not None:  # one fused call: row maxima, thresholds, normalisers, weights (in place)
@@ -199,7 +203,7 @@ def _forward_blocks(
 
 
 def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, out, tau, shift, norm,
-                   weights) -> None:
+                   q_scale, weights) -> None:
     """`_forward_blocks` on the tile kernels: each block's scores transposed, `(alpha - 1) (beta k q^T + mask^T)`,
     in the workspace or, when kept, in `weights`."""
     groups, n, _ = q.shape
@@ -213,7 +217,7 @@ def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_ite
             gs, rs = blocks[i]
             shape = (gs.stop - gs.start, m, rs.stop - rs.start)
             xt = ws.get(0, shape) if weights is None else weights[gs]  # kept: whole groups per block
-            torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
+            _matmul(k[gs], qs[gs, rs].transpose(1, 2), xt, q_scale)
             _add_mask(xt, mask, gs, rs, scale, transposed=True)
             native.forward_tiles(xt, kind, _alpha_rows(a_t, gs, rs), alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                  shift[gs, rs].view(-1), norm[gs, rs].view(-1))
@@ -228,7 +232,7 @@ _forward_op = torch.library.custom_op("hopformer::separated_attention_forward", 
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
+def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale):
     groups, n, _ = q.shape
     return q.new_empty(groups, n, v.shape[-1]), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1)
 
@@ -248,9 +252,11 @@ def _backward_impl(
     kind: str,
     need_beta: bool,
     need_alpha: bool,
+    q_scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The custom op's backward (see `_backward_blocks`): the weights recomputed."""
-    return _backward_blocks(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha)
+    return _backward_blocks(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha,
+                            q_scale)
 
 
 def _backward_blocks(
@@ -268,10 +274,12 @@ def _backward_blocks(
     kind: str,
     need_beta: bool,
     need_alpha: bool,
+    q_scale: float = 1.0,
     weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of `_forward_blocks`: `(dq, dk, dv, dbeta, dalpha)` (`dbeta` / `dalpha` empty when not
-    asked for; with `beta` None, `dq` and `dk` are those of the scaled queries and `dbeta` is empty).
+    asked for; with `beta` None, `dq` and `dk` are those of the queries as given, scaled by `q_scale` in the
+    scores, and `dbeta` is empty).
     Closed-form Jacobian-vector products of Peters et al. 2019 (eq. 10) and, for alpha,
     Correia et al. 2019 (eq. 12-14), the weights recomputed per block from the saved thresholds, or read from
     `weights` when the forward kept them."""
@@ -287,6 +295,9 @@ def _backward_blocks(
     lanes = _LANES if tiles else 1
     qs, scale = _scaled_queries(q, beta if weights is None else None, alpha, kind)  # kept weights: qs unused
     dq = torch.empty_like(q)  # first d loss / d (q k^T) k, scaled by beta at the end
+    # beta None: the scores are q_scale q k^T and the kernels' ds is d loss / d (scores / (alpha - 1)), so dq and dk
+    # take q_scale / (alpha - 1) on their matmuls
+    grad_scale = q_scale if beta is not None or scale is None else q_scale / scale
     blocks = list(_blocks(groups, n, m, q.device, lanes))
     g_out = g_out.contiguous()
 
@@ -320,9 +331,9 @@ def _backward_blocks(
                     p3, ds3, da = _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha)
                 else:
                     block_grads = _tile_block_grads if tiles else _row_block_grads
-                    p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f,
-                                              (tau, shift, norm), need_alpha)
-                _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga)
+                    p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t,
+                                              alpha_f, (tau, shift, norm), need_alpha)
+                _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga, grad_scale)
 
     _parallel(job, len(items), q.device)
     if not all(owned):  # the pieces' private sums, in a fixed order: deterministic
@@ -340,24 +351,21 @@ def _backward_blocks(
                         total[gs] = part
             done.add(key)
     dalpha = dalpha if dalpha is not None else q.new_empty(0)
-    if beta is None:  # q = (alpha - 1) beta q': scores x = q k^T, so d/dq and d/dk are 1 / (alpha - 1) times those
-        if scale is not None:
-            dq.mul_(1.0 / scale)
-            dk.mul_(1.0 / scale)
+    if beta is None:  # dq and dk took their scale on the matmuls (grad_scale)
         return dq, dk, dv, q.new_empty(0), dalpha
     # scores = beta q k^T: d/dbeta = sum <d/d(q k^T) k, q> per group; dq and dk take their beta in place
     dbeta = torch.linalg.vecdot(dq, q).sum(dim=1).view(-1, 1, 1) if need_beta else q.new_empty(0)
     return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha
 
 
-def _row_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
+def _row_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
     """A block's weights, d loss / d scores (both `(groups, rows, m)`) and d loss / d alpha per row (or None),
     from its scores `qs k^T` and d loss / d p `go v^T`: one fused C++ call, else the torch-op kernels."""
     tau, shift, norm = (t[gs, rs] for t in stats)
     m = k.shape[1]
     shape = (gs.stop - gs.start, rs.stop - rs.start, m)
     x = ws.get(0, shape)
-    torch.bmm(qs[gs, rs], k[gs].transpose(1, 2), out=x)
+    _matmul(qs[gs, rs], k[gs].transpose(1, 2), x, q_scale)
     x = _add_mask(x, mask, gs, rs, scale).view(-1, m)
     dp = ws.get(1, shape)
     torch.bmm(go, v[gs].transpose(1, 2), out=dp)
@@ -380,13 +388,13 @@ def _row_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, a
     return p.view(shape), ds.view(shape), da if need_alpha else None
 
 
-def _tile_block_grads(native, ws, gs, rs, k, v, qs, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
+def _tile_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
     """A block's weights, d loss / d scores (both `(groups, rows, m)`, transposed views of the tile kernels'
     blocks) and d loss / d alpha per row (or None), from the block's scores and d loss / d p computed
     transposed (`k qs^T`, `v go^T`)."""
     shape = (gs.stop - gs.start, k.shape[1], rs.stop - rs.start)
     xt = ws.get(0, shape)
-    torch.bmm(k[gs], qs[gs, rs].transpose(1, 2), out=xt)
+    _matmul(k[gs], qs[gs, rs].transpose(1, 2), xt, q_scale)
     _add_mask(xt, mask, gs, rs, scale, transposed=True)
     dpt = ws.get(1, shape)
     torch.bmm(v[gs], go.transpose(1, 2), out=dpt)
@@ -409,46 +417,47 @@ def _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, ne
     return pt.transpose(1, 2), dst.transpose(1, 2), da
 
 
-def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga) -> None:
+def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga, grad_scale: float) -> None:
     """From a block's weights `p3` and d loss / d scores `ds3` `(groups, rows, m)`: its rows of `dq`, and its
     share of `gk`, `gv` (written by the unit's first block, `b == 0`, else added) and `ga` (when `da` is given)."""
     if da is not None:
         _add_dalpha(ga, da.view(p3.shape[0], p3.shape[1], 1), a_t, rs)
-    torch.bmm(ds3, k[gs], out=dq[gs, rs])
+    _matmul(ds3, k[gs], dq[gs, rs], grad_scale)
     if b == 0:
         torch.bmm(p3.transpose(1, 2), go, out=gv)
-        torch.bmm(ds3.transpose(1, 2), q[gs, rs], out=gk)  # times beta at the end
+        _matmul(ds3.transpose(1, 2), q[gs, rs], gk, grad_scale)  # a tensor beta: times beta at the end
     else:
         gv.baddbmm_(p3.transpose(1, 2), go)
-        gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs])
+        gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs], alpha=grad_scale)
 
 
 _backward_op = torch.library.custom_op("hopformer::separated_attention_backward", mutates_args=())(_backward_impl)
 
 
 @_backward_op.register_fake
-def _backward_fake(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha):
+def _backward_fake(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha, q_scale):
     dbeta = beta.new_empty(beta.shape) if need_beta else q.new_empty(0)
     dalpha = a_t.new_empty(a_t.shape) if (need_alpha and a_t is not None) else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbeta, dalpha
 
 
 def _setup_context(ctx, inputs, output, weights: Optional[Tensor] = None) -> None:
-    q, k, v, beta, a_t, alpha_f, mask, kind, _, _ = inputs
+    q, k, v, beta, a_t, alpha_f, mask, kind, _, _, q_scale = inputs
     _, tau, shift, norm = output
-    ctx.kind, ctx.alpha_f = kind, alpha_f
+    ctx.kind, ctx.alpha_f, ctx.q_scale = kind, alpha_f, q_scale
     ctx.save_for_backward(q, k, v, beta, a_t, mask, tau, shift, norm, weights)
 
 
 def _input_grads(ctx, g_out, backward) -> tuple:
-    """The gradients of the core's ten inputs from `backward` (`_backward_op` or `_backward_impl`; with kept
+    """The gradients of the core's eleven inputs from `backward` (`_backward_op` or `_backward_impl`; with kept
     weights, eager only, `_backward_blocks` on them)."""
     q, k, v, beta, a_t, mask, tau, shift, norm, weights = ctx.saved_tensors
     need_beta, need_alpha = ctx.needs_input_grad[3], a_t is not None and ctx.needs_input_grad[4]
-    args = (g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha)
+    args = (g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha,
+            ctx.q_scale)
     dq, dk, dv, dbeta, dalpha = backward(*args) if weights is None else _backward_blocks(*args, weights)
     return (dq, dk, dv, dbeta if need_beta else None, dalpha if need_alpha else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 def _backward(ctx, g_out, g_tau, g_shift, g_norm):
@@ -464,17 +473,25 @@ class _EagerCore(torch.autograd.Function):
     per call as SDPA's whole forward and backward on a small input; `torch.compile` takes the custom ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter):
+    def forward(ctx, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale):
         weights = _kept_weights(q, k, kind, a_t, alpha_f, v.shape[-1]) if any(ctx.needs_input_grad[:5]) else None
-        out, tau, shift, norm = _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, weights)
-        _setup_context(ctx, (q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter), (out, tau, shift, norm),
-                       weights)
+        out, tau, shift, norm = _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale,
+                                                weights)
+        _setup_context(ctx, (q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale),
+                       (out, tau, shift, norm), weights)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
         return _input_grads(ctx, g_out, _backward_impl)
+
+
+def _matmul(a: Tensor, b: Tensor, out: Tensor, scale: float) -> Tensor:
+    """`out = scale (a @ b)`, batched: the scale rides on the matmul (no pass of its own)."""
+    if scale == 1.0:
+        return torch.bmm(a, b, out=out)
+    return out.baddbmm_(a, b, beta=0.0, alpha=scale)
 
 
 def _kept_weights(q: Tensor, k: Tensor, kind: str, a_t: Optional[Tensor], alpha_f: float, dv: int) -> Optional[Tensor]:
@@ -614,6 +631,7 @@ def separated_attention_core(
         v = _groups(values.to(cdtype), lead, (m, values.shape[-1])).contiguous()
         if mask is not None:
             mask = _groups(mask if mask.dtype == torch.bool else mask.to(cdtype), lead, (-1, m)).contiguous()
+        q_scale = 1.0
         if isinstance(alpha, torch.Tensor):  # the core scales the queries by beta and alpha - 1 per row
             a_t, a_f, kind = _groups(alpha.to(cdtype), lead, (-1, 1)).contiguous(), 0.0, "entmax"
             q = _groups(query.to(cdtype), lead, (n, query.shape[-1])).contiguous()
@@ -621,15 +639,18 @@ def separated_attention_core(
                 b = _groups(beta.to(cdtype), lead, (1, 1)).contiguous()
             else:
                 b = torch.full((q.shape[0], 1, 1), float(beta), dtype=cdtype, device=q.device)
-        else:  # the queries arrive scaled by beta (alpha - 1): that product is their grouping copy (autograd: dbeta)
+        else:  # a float alpha: the core takes beta (alpha - 1) outside the kernels
             a_t, a_f, b = None, float(alpha), None
             kind = "sparsemax" if a_f == 2.0 else "entmax"
             factor = 1.0 if kind == "sparsemax" else a_f - 1.0
-            scaled = query.to(cdtype) * (beta.to(cdtype) * factor if isinstance(beta, torch.Tensor) else float(beta) * factor)
-            q = _groups(scaled, lead, (n, query.shape[-1])).contiguous()
+            if isinstance(beta, torch.Tensor):  # on the queries: that product is their grouping copy (autograd: dbeta)
+                query, q_scale = query.to(cdtype) * (beta.to(cdtype) * factor), 1.0
+            else:  # on the score matmuls (q_scale): no query-sized product forward nor backward
+                query, q_scale = query.to(cdtype), float(beta) * factor
+            q = _groups(query, lead, (n, query.shape[-1])).contiguous()
         if tol is None:
             tol = _default_tol(cdtype)
-        args = (q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter))
+        args = (q, k, v, b, a_t, a_f, mask, kind, float(tol), int(max_iter), q_scale)
         if torch.compiler.is_compiling():
             out = _forward_op(*args)[0]
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, b, a_t)):
