@@ -74,7 +74,8 @@ def as_additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _scores(query: Tensor, keys: Tensor, beta: float | Tensor, mask: Tensor | None) -> Tensor:
     """``beta * query keys^T`` plus the mask as an additive term."""
-    check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
+    if mask is not None:  # (torch.broadcast_shapes costs about as much as a small attention call)
+        check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
     scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
     additive = as_additive_mask(mask, scores.dtype)
     return scores if additive is None else scores + additive
@@ -156,7 +157,8 @@ def hopfield_retrieve(
     _check_patterns(query, keys, values)
     _check_beta(beta)
     separation = check_separation(separation)
-    check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
+    if mask is not None:  # (torch.broadcast_shapes costs about as much as a small attention call)
+        check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if eps is not None and not eps > 0:
