@@ -18,6 +18,7 @@
 // Return value of the forward: 0 on success, 1 if a row holds NaN or +inf (the caller raises).
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "vectors.h"
@@ -27,9 +28,10 @@ namespace {
 using namespace hop;
 
 // Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+ (the subtraction in this order everywhere:
-// forward and backward see the same r), and, when `out` is given, r^e into out (`r_em1` instead: r^(e-1)).
+// forward and backward see the same r), and, when `out` is given, r^e into out (`r_em1` instead: r^(e-1)); when
+// `log2_r` is given (float rows), log2 r into it on the support (0 elsewhere).
 inline void power_sums(const float* x, int64_t n, float shift, float tau, float em1, float* out, bool r_em1,
-                       double* s_em1, double* f) {
+                       double* s_em1, double* f, float* log2_r = nullptr) {
   vi lane;
   for (int j = 0; j < LANES; ++j) lane[j] = j;
   vf s_acc = splat(0.0f), f_acc = splat(0.0f);
@@ -39,9 +41,12 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
     const vi in = (r > splat(0.0f)) & (lane < static_cast<int32_t>(len));  // padded lanes of a tail: out
     if (!any(in)) {  // most chunks of a long row: no power to take
       if (out != nullptr) store(out + j0, splat(0.0f), len);
+      if (log2_r != nullptr) store(log2_r + j0, splat(0.0f), len);
       continue;
     }
-    const vf pw = select(in, pow_pos(r, em1), splat(0.0f));
+    vf l2;
+    const vf pw = select(in, pow_pos(r, splat(em1), log2_r != nullptr ? &l2 : nullptr), splat(0.0f));
+    if (log2_r != nullptr) store(log2_r + j0, select(in, l2, splat(0.0f)), len);
     const vf re = pw * select(in, r, splat(0.0f));
     s_acc += pw;
     f_acc += re;
@@ -532,6 +537,7 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
     const T shift = shift_in[i], tau = tau_in[i], norm = norm_in[i];
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
     T s_gppr = 0, g_gppr = 0;
+    bool log2_r = false;  // lg holds log2 r on the support (general float rows): log p = e ln r - ln norm
     const Map map = row_map(kind, alpha, alpha_rows != nullptr);
     if (map == Map::sparsemax) {  // gppr: the support indicator
       const T inv_norm = T(1) / norm;
@@ -560,7 +566,12 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
       const T em1 = T(1) / (alpha - T(1)) - T(1);
       const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
       double unused_s, unused_f;
-      power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f);  // r^(e - 1) into ds, scaled below
+      if constexpr (std::is_same<T, float>::value) {  // r^(e - 1) into ds (scaled below), and log2 r for d/dalpha
+        log2_r = dalpha != nullptr;
+        power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f, log2_r ? lg.data() : nullptr);
+      } else {
+        power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f);
+      }
       double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
 #pragma omp simd reduction(+ : s_sum, g_sum)
       for (int64_t j = 0; j < n; ++j) {
@@ -583,12 +594,15 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
       // Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1),
       // skew = gppr / sum gppr, H = sum p log p; contracted with g (<g, skew> = q), row by row
       // (sums in double: (g_p - q) / (a-1)^2 cancels)
-      logs(xi, n, lg.data());
+      // (log p from the power's own log2 r when the row took one: the same value to float rounding, no log)
+      const double e_ln2 = log2_r ? 0.6931471805599453 / (static_cast<double>(alpha) - 1.0) : 1.0;
+      const double ln_norm = log2_r && norm > T(0) ? std::log(static_cast<double>(norm)) : 0.0;
+      if (!log2_r) logs(xi, n, lg.data());
       double g_p = 0, plogp = 0, g_plogp = 0;
 #pragma omp simd reduction(+ : g_p, plogp, g_plogp)
       for (int64_t j = 0; j < n; ++j) {
         const double pj = xi[j];
-        const double t = pj * static_cast<double>(lg[j]);
+        const double t = pj * (e_ln2 * static_cast<double>(lg[j]) - ln_norm);
         g_p += gi[j] * pj;
         plogp += t;
         g_plogp += gi[j] * t;

@@ -85,20 +85,24 @@ inline vf exp2_clamped(vf x) {  // 2^x for x in [-126, 127] (clamped)
 }
 
 // r^y per lane for r > 0 (r clamped to the smallest normal number), 0 for r <= 0: the one power of every kernel.
+// `log2_r` (when given): log2 of the clamped r, the power's own logarithm (d/dalpha's log p without a log of its own).
 #if defined(__FMA__)
-inline vf pow_pos(vf r, vf y) {
+inline vf pow_pos(vf r, vf y, vf* log2_r = nullptr) {
   const vf tiny = splat(std::numeric_limits<float>::min());
-  return select(r > splat(0.0f), exp2_clamped(y * log2_pos(select(r > tiny, r, tiny))), splat(0.0f));
+  const vf l2 = log2_pos(select(r > tiny, r, tiny));
+  if (log2_r != nullptr) *log2_r = l2;
+  return select(r > splat(0.0f), exp2_clamped(y * l2), splat(0.0f));
 }
 #else
 // Without fused multiply-adds, the float exponent y log2 r took two roundings more, which large y amplify: at
 // alpha = 1.02 (y = 49) float32 rows lost twice the accuracy of torch.pow. So y (e + ln m / ln 2) is formed and
 // split into 2^n e^f in double there (the vector polynomials stay in float).
-inline vf pow_pos(vf r, vf y) {
+inline vf pow_pos(vf r, vf y, vf* log2_r = nullptr) {
   typedef double vd16_t __attribute__((vector_size(16 * sizeof(double))));
   const vf tiny = splat(std::numeric_limits<float>::min());
   vf e, ln_m;
   log2_parts(select(r > tiny, r, tiny), &e, &ln_m);
+  if (log2_r != nullptr) *log2_r = e + ln_m * 1.44269504f;
   const vd16_t yd = __builtin_convertvector(y, vd16_t);
   vd16_t x = yd * __builtin_convertvector(e, vd16_t) + yd * (__builtin_convertvector(ln_m, vd16_t) * 1.4426950408889634);
   x = x < -126.0 ? vd16_t{} - 126.0 : x;
