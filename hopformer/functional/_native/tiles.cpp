@@ -19,6 +19,7 @@
 // attention core takes it for a general alpha; sparsemax and 1.5-entmax rows go back to the row backward), or
 // from the weights themselves when the forward kept them (any map).
 
+#include <type_traits>
 #include <vector>
 
 #include "vectors.h"
@@ -89,10 +90,11 @@ inline V<double> vsqrt(V<double> v) {
   return v;
 }
 
-// r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h; double: libm).
-inline V<float> vpow(V<float> r, V<float> y) { return pow_pos(r, y); }
+// r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h, which gives its log2 r to
+// `log2_r` when asked; double: libm, no log2 r given).
+inline V<float> vpow(V<float> r, V<float> y, V<float>* log2_r = nullptr) { return pow_pos(r, y, log2_r); }
 
-inline V<double> vpow(V<double> r, V<double> y) {
+inline V<double> vpow(V<double> r, V<double> y, V<double>* = nullptr) {
   V<double> out;
   for (int l = 0; l < LANES; ++l) out[l] = pow_pos(r[l], y[l]);
   return out;
@@ -436,10 +438,14 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
 // One tile's rows (lanes) of the blocks x, gg, d; returns d loss / d alpha per lane when asked (else 0). Sums in
 // double, as the row kernels': (alpha - 1)^-2 amplifies their rounding. `given`: x holds the weights already (the
 // forward kept them) and gppr is taken from them by the lanes' map (shift, tau, norm unused); else x holds the
-// scores and is overwritten with the weights.
+// scores and is overwritten with the weights. `lnp` (m vectors, float tiles asking for d/dalpha; else null):
+// scratch for log p, taken from the powers' own log2 (no log of its own), where the lanes take powers.
 template <typename T, bool G>
-V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict gg, T* __restrict d, int64_t m,
-                   Map map, bool given, V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
+V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict gg, T* __restrict d, V<T>* lnp,
+                   int64_t m, Map map, bool given, V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
+  const T ln2 = T(0.6931471805599453);
+  V<T> l2;
+  bool logged = false;  // lnp holds log p
   vd16 s_gppr = vd16{} + 0.0, g_gppr = vd16{} + 0.0;
   auto add = [&](int64_t j, V<T> gp) {  // gppr of entry j into d, and into the sums
     rows.store(d, j, gp);
@@ -450,20 +456,26 @@ V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict
     for (int64_t j = 0; j < m; ++j) add(j, pick<T>(rows.load(x, j) > T(0), vs<T>(T(1)), vs<T>(T(0))));
   } else if (given && map == Map::entmax15) {  // gppr = sqrt(p)
     for (int64_t j = 0; j < m; ++j) add(j, vsqrt(rows.load(x, j)));
-  } else if (given) {  // gppr = p^(2 - alpha) on the support
+  } else if (given) {  // gppr = p^(2 - alpha) on the support; log p = ln 2 log2 p
     const V<T> y = T(2) - alpha;
+    logged = lnp != nullptr;
     for (int64_t j = 0; j < m; ++j) {
       const V<T> p = rows.load(x, j);
       const auto in = p > T(0);
-      add(j, pick<T>(in, vpow(pick<T>(in, p, vs<T>(T(1))), y), vs<T>(T(0))));
+      add(j, pick<T>(in, vpow(pick<T>(in, p, vs<T>(T(1))), y, logged ? &l2 : nullptr), vs<T>(T(0))));
+      if (logged) lnp[j] = pick<T>(in, ln2 * l2, vs<T>(T(0)));
     }
-  } else {  // the weights into x; gppr = r^(e - 1) norm^(alpha - 2), whatever map the forward took
+  } else {  // the weights into x; gppr = r^(e - 1) norm^(alpha - 2), whatever map the forward took;
+    // log p = e ln r - ln norm
     const V<T> inv_norm = T(1) / norm, em1 = T(1) / (alpha - T(1)) - T(1), scale = vpow(norm, alpha - T(2));
+    logged = lnp != nullptr;
+    const V<T> e_ln2 = ln2 * (em1 + T(1)), ln_norm = logged ? vlog(norm) : vs<T>(T(0));
     for (int64_t j = 0; j < m; ++j) {
       const V<T> r = (rows.load(x, j) - shift) - tau;
-      const V<T> r_em1 = vpow(r, em1);
+      const V<T> r_em1 = vpow(r, em1, logged ? &l2 : nullptr);
       rows.store(x, j, pick<T>(r > T(0), r, vs<T>(T(0))) * r_em1 * inv_norm);
       add(j, r_em1 * scale);
+      if (logged) lnp[j] = pick<T>(r > T(0), e_ln2 * l2 - ln_norm, vs<T>(T(0)));
     }
   }
   const vd16 tiny = vd16{} + static_cast<double>(std::numeric_limits<T>::min());
@@ -475,7 +487,7 @@ V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict
   for (int64_t j = 0; j < m; ++j) {
     const V<T> pv = rows.load(x, j);
     const vd16 pd = to_double<T>(pv), gd = to_double<T>(rows.load(gg, j));
-    const vd16 t = pd * to_double<T>(vlog(pv));
+    const vd16 t = pd * to_double<T>(logged ? lnp[j] : vlog(pv));
     g_p += gd * pd;
     plogp += t;
     g_plogp += gd * t;
@@ -489,11 +501,12 @@ void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
   const bool given = tau_in == nullptr;  // xt holds the weights (see backward_tile)
   const Map map = given ? tile_map(kind, alpha_rows, alpha_f) : tile_map(ENTMAX, alpha_rows, alpha_f);
+  std::vector<V<T>> lnp(dalpha != nullptr && std::is_same<T, float>::value ? m : 0);  // see backward_tile
   for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
     const V<T> norm = rows.per_row(norm_in, T(1));
     const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));
-    const V<T> da = backward_tile(rows, xt, gt, dst, m, map, given, rows.per_row(shift_in, T(0)),
-                                  rows.per_row(tau_in, T(0)), safe_norm,
+    const V<T> da = backward_tile(rows, xt, gt, dst, lnp.empty() ? nullptr : lnp.data(), m, map, given,
+                                  rows.per_row(shift_in, T(0)), rows.per_row(tau_in, T(0)), safe_norm,
                                   rows.per_row(alpha_rows, static_cast<T>(alpha_f)), dalpha != nullptr);
     if (dalpha != nullptr) {
       for (int l = 0; l < rows.w; ++l) dalpha[rows.row[l]] = da[l];
