@@ -18,7 +18,6 @@
 // Return value of the forward: 0 on success, 1 if a row holds NaN or +inf (the caller raises).
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "vectors.h"
@@ -29,7 +28,7 @@ using namespace hop;
 
 // Sums over a row of r^(e-1) and r^e, r = ((x - shift) - tau)_+ (the subtraction in this order everywhere:
 // forward and backward see the same r), and, when `out` is given, r^e into out (`r_em1` instead: r^(e-1)); when
-// `log2_r` is given (float rows), log2 r into it on the support (0 elsewhere).
+// `log2_r` is given, log2 r into it on the support (0 elsewhere).
 inline void power_sums(const float* x, int64_t n, float shift, float tau, float em1, float* out, bool r_em1,
                        double* s_em1, double* f, float* log2_r = nullptr) {
   vi lane;
@@ -57,11 +56,13 @@ inline void power_sums(const float* x, int64_t n, float shift, float tau, float 
 }
 
 inline void power_sums(const double* x, int64_t n, double shift, double tau, double em1, double* out, bool r_em1,
-                       double* s_em1, double* f) {
+                       double* s_em1, double* f, double* log2_r = nullptr) {
   double s = 0, fs = 0;
   for (int64_t j = 0; j < n; ++j) {
     const double r = (x[j] - shift) - tau;
-    const double pw = pow_pos(r, em1);
+    double l2 = 0.0;
+    const double pw = pow_pos(r, em1, log2_r != nullptr ? &l2 : nullptr);
+    if (log2_r != nullptr) log2_r[j] = l2;
     const double re = r > 0.0 ? pw * r : 0.0;
     s += pw;
     fs += re;
@@ -537,7 +538,7 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
     const T shift = shift_in[i], tau = tau_in[i], norm = norm_in[i];
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
     T s_gppr = 0, g_gppr = 0;
-    bool log2_r = false;  // lg holds log2 r on the support (general float rows): log p = e ln r - ln norm
+    bool log2_r = false;  // lg holds log2 r on the support (general rows): log p = e ln r - ln norm
     const Map map = row_map(kind, alpha, alpha_rows != nullptr);
     if (map == Map::sparsemax) {  // gppr: the support indicator
       const T inv_norm = T(1) / norm;
@@ -566,12 +567,8 @@ void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t 
       const T em1 = T(1) / (alpha - T(1)) - T(1);
       const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
       double unused_s, unused_f;
-      if constexpr (std::is_same<T, float>::value) {  // r^(e - 1) into ds (scaled below), and log2 r for d/dalpha
-        log2_r = dalpha != nullptr;
-        power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f, log2_r ? lg.data() : nullptr);
-      } else {
-        power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f);
-      }
+      log2_r = dalpha != nullptr;  // r^(e - 1) into ds (scaled below), and log2 r for d/dalpha
+      power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f, log2_r ? lg.data() : nullptr);
       double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
 #pragma omp simd reduction(+ : s_sum, g_sum)
       for (int64_t j = 0; j < n; ++j) {

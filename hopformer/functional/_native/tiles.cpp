@@ -19,7 +19,6 @@
 // attention core takes it for a general alpha; sparsemax and 1.5-entmax rows go back to the row backward), or
 // from the weights themselves when the forward kept them (any map).
 
-#include <type_traits>
 #include <vector>
 
 #include "vectors.h"
@@ -90,13 +89,17 @@ inline V<double> vsqrt(V<double> v) {
   return v;
 }
 
-// r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h, which gives its log2 r to
-// `log2_r` when asked; double: libm, no log2 r given).
+// r^y per lane for r > 0, 0 for r <= 0 (float: the polynomial power of vectors.h; double: libm), and its log2 r
+// into `log2_r` when asked (used on the support).
 inline V<float> vpow(V<float> r, V<float> y, V<float>* log2_r = nullptr) { return pow_pos(r, y, log2_r); }
 
-inline V<double> vpow(V<double> r, V<double> y, V<double>* = nullptr) {
+inline V<double> vpow(V<double> r, V<double> y, V<double>* log2_r = nullptr) {
   V<double> out;
-  for (int l = 0; l < LANES; ++l) out[l] = pow_pos(r[l], y[l]);
+  for (int l = 0; l < LANES; ++l) {
+    double l2 = 0.0;
+    out[l] = pow_pos(r[l], y[l], &l2);
+    if (log2_r != nullptr) (*log2_r)[l] = l2;
+  }
   return out;
 }
 
@@ -438,8 +441,8 @@ int forward_tiles(T* xt, int64_t groups, int64_t m, int64_t n, int kind, const T
 // One tile's rows (lanes) of the blocks x, gg, d; returns d loss / d alpha per lane when asked (else 0). Sums in
 // double, as the row kernels': (alpha - 1)^-2 amplifies their rounding. `given`: x holds the weights already (the
 // forward kept them) and gppr is taken from them by the lanes' map (shift, tau, norm unused); else x holds the
-// scores and is overwritten with the weights. `lnp` (m vectors, float tiles asking for d/dalpha; else null):
-// scratch for log p, taken from the powers' own log2 (no log of its own), where the lanes take powers.
+// scores and is overwritten with the weights. `lnp` (m vectors when d/dalpha is asked, else null): scratch for
+// log p, taken from the powers' own log2 (no log of its own), where the lanes take powers.
 template <typename T, bool G>
 V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict gg, T* __restrict d, V<T>* lnp,
                    int64_t m, Map map, bool given, V<T> shift, V<T> tau, V<T> norm, V<T> alpha, bool need_alpha) {
@@ -462,7 +465,7 @@ V<T> backward_tile(const Lanes<T, G>& rows, T* __restrict x, const T* __restrict
     for (int64_t j = 0; j < m; ++j) {
       const V<T> p = rows.load(x, j);
       const auto in = p > T(0);
-      add(j, pick<T>(in, vpow(pick<T>(in, p, vs<T>(T(1))), y, logged ? &l2 : nullptr), vs<T>(T(0))));
+      add(j, vpow(p, y, logged ? &l2 : nullptr));  // 0 off the support
       if (logged) lnp[j] = pick<T>(in, ln2 * l2, vs<T>(T(0)));
     }
   } else {  // the weights into x; gppr = r^(e - 1) norm^(alpha - 2), whatever map the forward took;
@@ -501,7 +504,7 @@ void backward_tiles(T* xt, const T* gt, T* dst, int64_t groups, int64_t m, int64
                     double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in, T* dalpha) {
   const bool given = tau_in == nullptr;  // xt holds the weights (see backward_tile)
   const Map map = given ? tile_map(kind, alpha_rows, alpha_f) : tile_map(ENTMAX, alpha_rows, alpha_f);
-  std::vector<V<T>> lnp(dalpha != nullptr && std::is_same<T, float>::value ? m : 0);  // see backward_tile
+  std::vector<V<T>> lnp(dalpha != nullptr ? m : 0);  // see backward_tile
   for_each_tile<T>(groups, m, n, gather_tails(map, n), [&](const auto& rows) {
     const V<T> norm = rows.per_row(norm_in, T(1));
     const V<T> safe_norm = pick<T>(norm > T(0), norm, vs<T>(T(1)));

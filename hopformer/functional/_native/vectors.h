@@ -115,9 +115,11 @@ inline vf pow_pos(vf r, vf y, vf* log2_r = nullptr) {
 
 inline vf pow_pos(vf r, float y) { return pow_pos(r, splat(y)); }
 
-inline double pow_pos(double r, double y) {
-  const double tiny = std::numeric_limits<double>::min();
-  return r > 0.0 ? std::exp(y * std::log(r > tiny ? r : tiny)) : 0.0;
+inline double pow_pos(double r, double y, double* log2_r = nullptr) {  // log2_r: as the float one's, for r > 0
+  if (!(r > 0.0)) return 0.0;
+  const double ln_r = std::log(r > std::numeric_limits<double>::min() ? r : std::numeric_limits<double>::min());
+  if (log2_r != nullptr) *log2_r = ln_r * 1.4426950408889634;
+  return std::exp(y * ln_r);
 }
 
 inline float pow_scalar(float r, float y) { return pow_pos(splat(r), y)[0]; }  // per-row quantities
