@@ -113,23 +113,6 @@ def _use_tiles(native, m: int) -> bool:
     return native is not None and m < _TILE_MAX and get_kernel_path() != "rows"
 
 
-def _forward_impl(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Optional[Tensor],
-    a_t: Optional[Tensor],
-    alpha_f: float,
-    mask: Optional[Tensor],
-    kind: str,
-    tol: float,
-    max_iter: int,
-    q_scale: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The custom op's forward (see `_forward_blocks`): keeps no weights."""
-    return _forward_blocks(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale)
-
-
 def _forward_blocks(
     q: Tensor,
     k: Tensor,
@@ -228,36 +211,18 @@ def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_ite
 
 
 # `torch.library` custom ops, so `torch.compile` treats the core as opaque nodes (the CPU worker threads stay
-# out of the traced graph)
-_forward_op = torch.library.custom_op("hopformer::separated_attention_forward", mutates_args=())(_forward_impl)
+# out of the traced graph). Their schemas leave out the eager-only `weights` (the ops keep none).
+_forward_op = torch.library.custom_op(
+    "hopformer::separated_attention_forward", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? beta, Tensor? a_t, float alpha_f, Tensor? mask, str kind, "
+           "float tol, int max_iter, float q_scale) -> (Tensor, Tensor, Tensor, Tensor)",
+)(_forward_blocks)
 
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_iter, q_scale):
     groups, n, _ = q.shape
     return q.new_empty(groups, n, v.shape[-1]), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1), q.new_empty(groups, n, 1)
-
-
-def _backward_impl(
-    g_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Optional[Tensor],
-    a_t: Optional[Tensor],
-    alpha_f: float,
-    mask: Optional[Tensor],
-    tau: Tensor,
-    shift: Tensor,
-    norm: Tensor,
-    kind: str,
-    need_beta: bool,
-    need_alpha: bool,
-    q_scale: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The custom op's backward (see `_backward_blocks`): the weights recomputed."""
-    return _backward_blocks(g_out, q, k, v, beta, a_t, alpha_f, mask, tau, shift, norm, kind, need_beta, need_alpha,
-                            q_scale)
 
 
 def _backward_blocks(
@@ -432,7 +397,12 @@ def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga, grad
         gk.baddbmm_(ds3.transpose(1, 2), q[gs, rs], alpha=grad_scale)
 
 
-_backward_op = torch.library.custom_op("hopformer::separated_attention_backward", mutates_args=())(_backward_impl)
+_backward_op = torch.library.custom_op(
+    "hopformer::separated_attention_backward", mutates_args=(),
+    schema="(Tensor g_out, Tensor q, Tensor k, Tensor v, Tensor? beta, Tensor? a_t, float alpha_f, Tensor? mask, "
+           "Tensor tau, Tensor shift, Tensor norm, str kind, bool need_beta, bool need_alpha, float q_scale) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)(_backward_blocks)
 
 
 @_backward_op.register_fake
@@ -450,13 +420,13 @@ def _setup_context(ctx, inputs, output, weights: Optional[Tensor] = None) -> Non
 
 
 def _input_grads(ctx, g_out, backward) -> tuple:
-    """The gradients of the core's eleven inputs from `backward` (`_backward_op` or `_backward_impl`; with kept
-    weights, eager only, `_backward_blocks` on them)."""
+    """The gradients of the core's eleven inputs from `backward` (`_backward_op` or `_backward_blocks`, which
+    reads the kept weights when the eager forward kept them)."""
     q, k, v, beta, a_t, mask, tau, shift, norm, weights = ctx.saved_tensors
     need_beta, need_alpha = ctx.needs_input_grad[3], a_t is not None and ctx.needs_input_grad[4]
     args = (g_out, q, k, v, beta, a_t, ctx.alpha_f, mask, tau, shift, norm, ctx.kind, need_beta, need_alpha,
             ctx.q_scale)
-    dq, dk, dv, dbeta, dalpha = backward(*args) if weights is None else _backward_blocks(*args, weights)
+    dq, dk, dv, dbeta, dalpha = backward(*args) if weights is None else _backward_blocks(*args, weights=weights)
     return (dq, dk, dv, dbeta if need_beta else None, dalpha if need_alpha else None,
             None, None, None, None, None, None)
 
@@ -485,7 +455,7 @@ class _EagerCore(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        return _input_grads(ctx, g_out, _backward_impl)
+        return _input_grads(ctx, g_out, _backward_blocks)
 
 
 def _matmul(a: Tensor, b: Tensor, out: Tensor, scale: float) -> Tensor:
