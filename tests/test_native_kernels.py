@@ -394,3 +394,90 @@ def test_kept_weights_backward(separation, restore_path, monkeypatch):
     assert kept == []
     separated_attention(*qkv(1, 4, 40, 40, 4), separation=sep)  # 40 x 40 weights > 40 x (4 + 4 + 4)
     assert kept == [None]
+
+
+# ----------------------------------------------------------------------------- products on the supports
+# Long rows whose supports are small read out and backpropagate through the supports only
+# (`native.readout_support`, `native.backward_support`) instead of the dense matmuls with the weights.
+
+def _spy_supports(monkeypatch):
+    """Record what the two support kernels return (True: they did the block's products)."""
+    calls = {"readout_support": [], "backward_support": []}
+    for name, seen in calls.items():
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _seen=seen: _seen.append(_real(*a)) or _seen[-1])
+    return calls
+
+
+# (b, h, n, m, d, dv): several groups per block with d = dv = 16 (compile-time width), row slices of a group split
+# into pieces with private sums (few groups) with d = 8, dv = 5 (widths read at run time)
+SUPPORT_SHAPES = [(2, 4, 20, 300, 16, 16), (1, 2, 600, 1030, 8, 5)]
+
+
+@needs_native
+@pytest.mark.parametrize("separation", SEPARATIONS + ["per_row"])
+@pytest.mark.parametrize("shape", SUPPORT_SHAPES)
+def test_support_products_match_dense(separation, shape, restore_path, monkeypatch):
+    """Float64, with a mask and an all-masked row, a tensor beta: outputs and gradients on the supports within
+    1e-10 of the dense matmuls'; the support kernels did the products (and with a limit of 0 declined, so the
+    dense path ran)."""
+    import hopformer.functional._separated_attention as sa
+
+    set_kernel_path("native")
+    calls = _spy_supports(monkeypatch)
+    b, h, n, m, d, dv = shape
+    q, k, _ = qkv(b, h, n, m, d, seed=5)
+    v = torch.randn(b, h, m, dv, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(b, 1, n, m, generator=torch.Generator().manual_seed(5)) > 0.2
+    mask[0, 0, 3] = False
+    sep = _per_row_alpha(n).unsqueeze(0).expand(h, n, 1) if separation == "per_row" else None
+    sep = sep.clone().requires_grad_(True) if sep is not None else _separation(separation, torch.float64)
+    if isinstance(sep, torch.Tensor) and sep.shape[0] != h:
+        sep = sep.detach()[:h].clone().requires_grad_(True)
+
+    def run(limit):
+        monkeypatch.setattr(sa, "_SUPPORT_MAX", limit)
+        inputs = [q, k, v, beta] + ([sep] if isinstance(sep, torch.Tensor) else [])
+        out = separated_attention(q, k, v, separation=sep, mask=mask, beta=beta)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return [out.detach()] + list(torch.autograd.grad((out * g).sum(), inputs))
+
+    on_supports = run(1.0)
+    assert calls["readout_support"] and all(calls["readout_support"])
+    assert calls["backward_support"] and all(calls["backward_support"])
+    for seen in calls.values():
+        seen.clear()
+    dense = run(0.0)
+    assert calls["readout_support"] and not any(calls["readout_support"])
+    assert calls["backward_support"] and not any(calls["backward_support"])
+    for a, ref in zip(on_supports, dense):
+        assert torch.isfinite(a).all()
+        assert (a - ref).abs().max() <= 1e-10 * max(1.0, ref.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.3, "per_head"])
+def test_support_products_gradcheck(separation, restore_path, monkeypatch):
+    import hopformer.functional._separated_attention as sa
+
+    set_kernel_path("native")
+    monkeypatch.setattr(sa, "_SUPPORT_MAX", 1.0)
+    calls = _spy_supports(monkeypatch)
+    q, k, v = qkv(1, 4, 3, 256, 2, seed=7, scale=2.0)
+    sep = separation
+    inputs = (q, k, v)
+    if separation == "per_head":
+        sep = torch.tensor([1.05, 1.5, 1.95, 1.99], dtype=torch.float64).reshape(4, 1, 1).requires_grad_(True)
+        inputs = inputs + (sep,)
+    assert torch.autograd.gradcheck(lambda q, k, v, *a: separated_attention(q, k, v, separation=a[0] if a else sep),
+                                    inputs, eps=1e-6, atol=1e-5)
+    assert all(calls["readout_support"]) and all(calls["backward_support"]) and calls["backward_support"]
+
+
+@needs_native
+def test_support_kernels_name_bad_strides():
+    p = torch.rand(2, 3, 8)
+    out = torch.empty(2, 4, 3).transpose(1, 2)  # rows not contiguous
+    with pytest.raises(ValueError, match=r"contiguous rows; got torch.float32 \(2, 3, 4\) strides \(12, 1, 3\)"):
+        _native.readout_support(p, torch.rand(2, 8, 4), out, 100)

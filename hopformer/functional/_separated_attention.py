@@ -59,6 +59,10 @@ _PIECES = 4
 # transposed (`k q^T`, keys x queries) and _LANES rows are separated together, one per vector lane.
 _TILE_MAX = 256
 _LANES = 16
+# Blocks of long rows whose supports hold at most this share of their scores read out and backpropagate through
+# the supports only (`native.readout_support`, `native.backward_support`) instead of the dense matmuls with the
+# weights.
+_SUPPORT_MAX = 0.15
 
 
 def _block_rows(groups: int, n: int, m: int, device: torch.device, lanes: int = 1) -> Tuple[int, int]:
@@ -167,7 +171,8 @@ def _forward_blocks(
                 a_rows = _alpha_rows(a_t, gs, rs)
                 native.forward(rows, rows, kind, a_rows, alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                shift[gs, rs].view(-1), norm[gs, rs].view(-1))
-                torch.bmm(x, v[gs], out=out[gs, rs])
+                if not native.readout_support(x, v[gs], out[gs, rs], int(_SUPPORT_MAX * x.numel())):
+                    torch.bmm(x, v[gs], out=out[gs, rs])
                 continue
             p = ws.get(1, rows.shape)
             row_max = _row_max(rows)
@@ -295,10 +300,17 @@ def _backward_blocks(
                 go = g_out[gs, rs]
                 if weights is not None:
                     p3, ds3, da = _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha)
+                elif tiles:
+                    p3, ds3, da = _tile_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t,
+                                                    alpha_f, (tau, shift, norm), need_alpha)
                 else:
-                    block_grads = _tile_block_grads if tiles else _row_block_grads
-                    p3, ds3, da = block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t,
-                                              alpha_f, (tau, shift, norm), need_alpha)
+                    x = _row_scores(ws, gs, rs, k, qs, q_scale, mask, scale)
+                    if native is not None and _support_block_grads(native, ws, x, gs, rs, q, k, v, go, kind, a_t, alpha_f,
+                                                                   (tau, shift, norm), need_alpha, b, dq, gk, gv, ga,
+                                                                   grad_scale):
+                        continue
+                    p3, ds3, da = _row_block_grads(native, ws, gs, rs, x, v, go, kind, a_t, alpha_f, (tau, shift, norm),
+                                                   need_alpha)
                 _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga, grad_scale)
 
     _parallel(job, len(items), q.device)
@@ -324,15 +336,39 @@ def _backward_blocks(
     return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha
 
 
-def _row_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
-    """A block's weights, d loss / d scores (both `(groups, rows, m)`) and d loss / d alpha per row (or None),
-    from its scores `qs k^T` and d loss / d p `go v^T`: one fused C++ call, else the torch-op kernels."""
-    tau, shift, norm = (t[gs, rs] for t in stats)
-    m = k.shape[1]
-    shape = (gs.stop - gs.start, rs.stop - rs.start, m)
-    x = ws.get(0, shape)
+def _row_scores(ws, gs, rs, k, qs, q_scale, mask, scale) -> Tensor:
+    """A block's scores `(groups, rows, m)` recomputed as the forward took them: `q_scale qs k^T` and the mask."""
+    x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, k.shape[1]))
     _matmul(qs[gs, rs], k[gs].transpose(1, 2), x, q_scale)
-    x = _add_mask(x, mask, gs, rs, scale).view(-1, m)
+    return _add_mask(x, mask, gs, rs, scale)
+
+
+def _support_block_grads(native, ws, x, gs, rs, q, k, v, go, kind, a_t, alpha_f, stats, need_alpha, b, dq, gk, gv,
+                         ga, grad_scale: float) -> bool:
+    """A block's rows of `dq` and its share of `gk`, `gv`, `ga` (as `_add_block_grads`) through the rows' supports,
+    from its scores `x` (one C++ call, `native.backward_support`); False, with nothing done, when the supports
+    hold more than `_SUPPORT_MAX` of the scores."""
+    if b == 0:  # the unit's first block: its sums start here
+        gk.zero_()
+        gv.zero_()
+    da = ws.get(3, (x.shape[0] * x.shape[1],)) if need_alpha else None
+    tau, shift, norm = (t[gs, rs].reshape(-1) for t in stats)
+    if not native.backward_support(x, go, q[gs, rs], k[gs], v[gs], dq[gs, rs], gk, gv, kind, _alpha_rows(a_t, gs, rs),
+                                   alpha_f, tau, shift, norm, da, grad_scale, int(_SUPPORT_MAX * x.numel())):
+        return False
+    if da is not None:
+        _add_dalpha(ga, da.view(x.shape[0], x.shape[1], 1), a_t, rs)
+    return True
+
+
+def _row_block_grads(native, ws, gs, rs, x, v, go, kind, a_t, alpha_f, stats, need_alpha):
+    """A block's weights, d loss / d scores (both `(groups, rows, m)`) and d loss / d alpha per row (or None),
+    from its scores `x` (`_row_scores`, overwritten) and d loss / d p `go v^T`: one fused C++ call, else the
+    torch-op kernels."""
+    tau, shift, norm = (t[gs, rs] for t in stats)
+    shape = x.shape
+    m = shape[2]
+    x = x.view(-1, m)
     dp = ws.get(1, shape)
     torch.bmm(go, v[gs].transpose(1, 2), out=dp)
     dp = dp.view(-1, m)

@@ -31,7 +31,7 @@ FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", 
 # tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
 ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
 KINDS = {"sparsemax": 0, "entmax": 1}
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
@@ -130,6 +130,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "backward": [ptr, ptr, ptr, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr],
         "forward_tiles": [ptr, i64, i64, i64, i32, ptr, f64, f64, i32, ptr, ptr, ptr],
         "backward_tiles": [ptr, ptr, ptr, i64, i64, i64, i32, ptr, f64, ptr, ptr, ptr, ptr],
+        "readout_support": [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64],
+        "backward_support": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i32, ptr, f64,
+                             ptr, ptr, ptr, ptr, f64, i64],
     }
     for name, argtypes in signatures.items():
         for suffix in ("f32", "f64"):
@@ -248,3 +251,45 @@ def backward_tiles(xt: torch.Tensor, gt: torch.Tensor, dst: torch.Tensor, alpha_
     getattr(lib, f"hop_backward_tiles_{suffix}")(_ptr(xt), _ptr(gt), _ptr(dst), groups, m, n, KINDS[kind],
                                                  _ptr(alpha_rows), float(alpha), _ptr(tau), _ptr(shift), _ptr(norm),
                                                  _ptr(dalpha))
+
+
+def _check_rows(dtype: torch.dtype, *tensors: torch.Tensor) -> None:
+    """`(groups, rows, width)` CPU tensors of `dtype` whose rows are contiguous (the groups may lie apart)."""
+    for t in tensors:
+        if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"native kernels need (groups, rows, width) CPU {dtype} tensors with contiguous rows; got "
+                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+
+
+def readout_support(p: torch.Tensor, v: torch.Tensor, out: torch.Tensor, limit: int) -> bool:
+    """`out = p v` on the rows' supports, for weights `p` `(G, R, m)` and `v` `(G, m, dv)` (contiguous) into `out`
+    `(G, R, dv)` (rows contiguous); False, with nothing written, when the weights hold more than `limit` nonzeros."""
+    lib = load()
+    suffix = _check(p.dtype, p, v)
+    _check_rows(p.dtype, out)
+    groups, rows, m = p.shape
+    status = getattr(lib, f"hop_readout_support_{suffix}")(_ptr(p), _ptr(v), _ptr(out), groups, rows, m, v.shape[2],
+                                                           out.stride(0), int(limit))
+    return status == 0
+
+
+def backward_support(x: torch.Tensor, go: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, kind: str,
+                     alpha_rows: Optional[torch.Tensor], alpha: float, tau: torch.Tensor, shift: torch.Tensor,
+                     norm: torch.Tensor, dalpha: Optional[torch.Tensor], grad_scale: float, limit: int) -> bool:
+    """`backward` and the block's products on the rows' supports: from the recomputed scores `x` `(G, R, m)` (read
+    only), the read-out's gradient `go` `(G, R, dv)` and the queries `q` `(G, R, d)` (rows contiguous), with keys
+    `k` `(G, m, d)` and values `v` `(G, m, dv)`: writes `dq = grad_scale ds k` `(G, R, d)` (rows contiguous) and
+    `dalpha` (when given), adds `grad_scale ds^T q` to `dk` and `p^T go` to `dv`. False, with nothing written, when
+    the supports hold more than `limit` entries."""
+    lib = load()
+    suffix = _check(x.dtype, x, k, v, dk, dv, alpha_rows, tau, shift, norm, dalpha)
+    _check_rows(x.dtype, go, q, dq)
+    if q.stride(0) != dq.stride(0):
+        raise ValueError(f"q and dq need the same group stride; got {q.stride(0)} and {dq.stride(0)}")
+    groups, rows, m = x.shape
+    status = getattr(lib, f"hop_backward_support_{suffix}")(
+        _ptr(x), _ptr(go), _ptr(q), _ptr(k), _ptr(v), _ptr(dq), _ptr(dk), _ptr(dv), groups, rows, m, k.shape[2],
+        v.shape[2], go.stride(0), q.stride(0), KINDS[kind], _ptr(alpha_rows), float(alpha), _ptr(tau), _ptr(shift),
+        _ptr(norm), _ptr(dalpha), float(grad_scale), int(limit))
+    return status == 0

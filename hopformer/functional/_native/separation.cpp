@@ -523,91 +523,281 @@ int forward(const T* x, T* p, int64_t rows, int64_t n, int kind, const T* alpha_
   return 0;
 }
 
+// One row of the backward: xi (n scores, scaled by alpha - 1) overwritten with the weights p; gi: d loss / d p;
+// di: d loss / d x (written); dalpha (nullable): the row's d loss / d alpha (written); lg: scratch of n entries
+// (when dalpha is given). The row may be any subset of a row's entries that holds its support (`support` below).
+template <typename T>
+void backward_row(T* __restrict xi, const T* __restrict gi, T* __restrict di, int64_t n, int kind, T alpha,
+                  bool per_row_alpha, T tau, T shift, T norm, T* dalpha, T* lg) {
+  const T tiny = std::numeric_limits<T>::min();
+  T s_gppr = 0, g_gppr = 0;
+  bool log2_r = false;  // lg holds log2 r on the support (general rows): log p = e ln r - ln norm
+  const Map map = row_map(kind, alpha, per_row_alpha);
+  if (map == Map::sparsemax) {  // gppr: the support indicator
+    const T inv_norm = T(1) / norm;
+#pragma omp simd reduction(+ : s_gppr, g_gppr)
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = xi[j] - shift - tau;
+      const bool in = r > T(0);
+      xi[j] = in ? r * inv_norm : T(0);
+      di[j] = in ? T(1) : T(0);
+      s_gppr += in ? T(1) : T(0);
+      g_gppr += in ? gi[j] : T(0);
+    }
+  } else if (map == Map::entmax15) {  // gppr = sqrt(p) = r / sqrt(norm)
+    const T inv_norm = T(1) / norm, scale = T(1) / std::sqrt(norm);
+#pragma omp simd reduction(+ : s_gppr, g_gppr)
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = xi[j] - shift - tau;
+      const T rp = r > T(0) ? r : T(0);
+      xi[j] = rp * rp * inv_norm;
+      const T gp = rp * scale;
+      di[j] = gp;
+      s_gppr += gp;
+      g_gppr += gp * gi[j];
+    }
+  } else {  // gppr = p^(2 - alpha) = r^(e - 1) norm^(alpha - 2)
+    const T em1 = T(1) / (alpha - T(1)) - T(1);
+    const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
+    double unused_s, unused_f;
+    log2_r = dalpha != nullptr;  // r^(e - 1) into ds (scaled below), and log2 r for d/dalpha
+    power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f, log2_r ? lg : nullptr);
+    double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
+#pragma omp simd reduction(+ : s_sum, g_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const T r = xi[j] - shift - tau;
+      const T rp = r > T(0) ? r : T(0);
+      const T r_em1 = di[j];
+      xi[j] = rp * r_em1 * inv_norm;
+      const T gp = r_em1 * scale;
+      di[j] = gp;
+      s_sum += gp;
+      g_sum += static_cast<double>(gp) * gi[j];
+    }
+    s_gppr = static_cast<T>(s_sum);
+    g_gppr = static_cast<T>(g_sum);
+  }
+  const T q = g_gppr / (s_gppr > tiny ? s_gppr : tiny);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) di[j] = di[j] * (gi[j] - q);
+  if (dalpha != nullptr) {
+    // Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1),
+    // skew = gppr / sum gppr, H = sum p log p; contracted with g (<g, skew> = q), row by row
+    // (sums in double: (g_p - q) / (a-1)^2 cancels)
+    // (log p from the power's own log2 r when the row took one: the same value to float rounding, no log)
+    const double e_ln2 = log2_r ? 0.6931471805599453 / (static_cast<double>(alpha) - 1.0) : 1.0;
+    const double ln_norm = log2_r && norm > T(0) ? std::log(static_cast<double>(norm)) : 0.0;
+    if (!log2_r) logs(xi, n, lg);
+    double g_p = 0, plogp = 0, g_plogp = 0;
+#pragma omp simd reduction(+ : g_p, plogp, g_plogp)
+    for (int64_t j = 0; j < n; ++j) {
+      const double pj = xi[j];
+      const double t = pj * (e_ln2 * static_cast<double>(lg[j]) - ln_norm);
+      g_p += gi[j] * pj;
+      plogp += t;
+      g_plogp += gi[j] * t;
+    }
+    const double am1 = static_cast<double>(alpha) - 1.0, qd = static_cast<double>(q);
+    *dalpha = static_cast<T>((g_p - qd) / (am1 * am1) - (g_plogp - qd * plogp) / am1);
+  }
+}
+
 // x: the block's scores (scaled by alpha - 1), overwritten with the weights p; g: d loss / d p;
 // ds: d loss / d x (written); dalpha (nullable): d loss / d alpha per row (written).
 template <typename T>
 void backward(T* __restrict x, const T* __restrict g, T* __restrict ds, int64_t rows, int64_t n, int kind,
               const T* alpha_rows, double alpha_f, const T* tau_in, const T* shift_in, const T* norm_in,
               T* dalpha) {
-  const T tiny = std::numeric_limits<T>::min();
   std::vector<T> lg(dalpha != nullptr ? n : 0);
   for (int64_t i = 0; i < rows; ++i) {
-    T* __restrict xi = x + i * n;
-    const T* __restrict gi = g + i * n;
-    T* __restrict di = ds + i * n;
-    const T shift = shift_in[i], tau = tau_in[i], norm = norm_in[i];
     const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
-    T s_gppr = 0, g_gppr = 0;
-    bool log2_r = false;  // lg holds log2 r on the support (general rows): log p = e ln r - ln norm
-    const Map map = row_map(kind, alpha, alpha_rows != nullptr);
-    if (map == Map::sparsemax) {  // gppr: the support indicator
-      const T inv_norm = T(1) / norm;
-#pragma omp simd reduction(+ : s_gppr, g_gppr)
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = xi[j] - shift - tau;
-        const bool in = r > T(0);
-        xi[j] = in ? r * inv_norm : T(0);
-        di[j] = in ? T(1) : T(0);
-        s_gppr += in ? T(1) : T(0);
-        g_gppr += in ? gi[j] : T(0);
-      }
-    } else if (map == Map::entmax15) {  // gppr = sqrt(p) = r / sqrt(norm)
-      const T inv_norm = T(1) / norm, scale = T(1) / std::sqrt(norm);
-#pragma omp simd reduction(+ : s_gppr, g_gppr)
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = xi[j] - shift - tau;
-        const T rp = r > T(0) ? r : T(0);
-        xi[j] = rp * rp * inv_norm;
-        const T gp = rp * scale;
-        di[j] = gp;
-        s_gppr += gp;
-        g_gppr += gp * gi[j];
-      }
-    } else {  // gppr = p^(2 - alpha) = r^(e - 1) norm^(alpha - 2)
-      const T em1 = T(1) / (alpha - T(1)) - T(1);
-      const T inv_norm = T(1) / norm, scale = pow_scalar(norm, alpha - T(2));
-      double unused_s, unused_f;
-      log2_r = dalpha != nullptr;  // r^(e - 1) into ds (scaled below), and log2 r for d/dalpha
-      power_sums(xi, n, shift, tau, em1, di, true, &unused_s, &unused_f, log2_r ? lg.data() : nullptr);
-      double s_sum = 0, g_sum = 0;  // sums in double: (a - 1)^-2 amplifies their rounding in d/dalpha
-#pragma omp simd reduction(+ : s_sum, g_sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const T r = xi[j] - shift - tau;
-        const T rp = r > T(0) ? r : T(0);
-        const T r_em1 = di[j];
-        xi[j] = rp * r_em1 * inv_norm;
-        const T gp = r_em1 * scale;
-        di[j] = gp;
-        s_sum += gp;
-        g_sum += static_cast<double>(gp) * gi[j];
-      }
-      s_gppr = static_cast<T>(s_sum);
-      g_gppr = static_cast<T>(g_sum);
-    }
-    const T q = g_gppr / (s_gppr > tiny ? s_gppr : tiny);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) di[j] = di[j] * (gi[j] - q);
-    if (dalpha != nullptr) {
-      // Correia et al. 2019, eq. 12-14: dp/dalpha = (p - skew) / (a-1)^2 - (p log p - skew H) / (a-1),
-      // skew = gppr / sum gppr, H = sum p log p; contracted with g (<g, skew> = q), row by row
-      // (sums in double: (g_p - q) / (a-1)^2 cancels)
-      // (log p from the power's own log2 r when the row took one: the same value to float rounding, no log)
-      const double e_ln2 = log2_r ? 0.6931471805599453 / (static_cast<double>(alpha) - 1.0) : 1.0;
-      const double ln_norm = log2_r && norm > T(0) ? std::log(static_cast<double>(norm)) : 0.0;
-      if (!log2_r) logs(xi, n, lg.data());
-      double g_p = 0, plogp = 0, g_plogp = 0;
-#pragma omp simd reduction(+ : g_p, plogp, g_plogp)
-      for (int64_t j = 0; j < n; ++j) {
-        const double pj = xi[j];
-        const double t = pj * (e_ln2 * static_cast<double>(lg[j]) - ln_norm);
-        g_p += gi[j] * pj;
-        plogp += t;
-        g_plogp += gi[j] * t;
-      }
-      const double am1 = static_cast<double>(alpha) - 1.0, qd = static_cast<double>(q);
-      dalpha[i] = static_cast<T>((g_p - qd) / (am1 * am1) - (g_plogp - qd * plogp) / am1);
+    backward_row(x + i * n, g + i * n, ds + i * n, n, kind, alpha, alpha_rows != nullptr, tau_in[i], shift_in[i],
+                 norm_in[i], dalpha != nullptr ? dalpha + i : nullptr, lg.data());
+  }
+}
+
+// ---------------------------------------------------------------- products on the supports
+// The weights of long rows are mostly zero (on attention scores of a thousand keys: a few for sparsemax, a few
+// dozen for 1.5-entmax, a hundred for alpha = 1.3), so a block whose supports are small enough (at most `limit`
+// entries in all) reads out and backpropagates through its supports only: per row, the support's indices, then
+// sums over them, in place of the dense matmuls with the block's weights (forward: p v; backward: g v^T, ds k,
+// ds^T q, p^T g). Otherwise the kernels write nothing and return 1 (the caller takes the matmuls).
+
+// The entries j of a row with (x[j] - shift) - tau > 0 (the weights' own test): their indices into idx and their
+// x[j] into xs (both with room for n + LANES entries); returns their count.
+template <typename T>
+inline int64_t support(const T* x, int64_t n, T shift, T tau, int32_t* idx, T* xs) {
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = x[j];
+    idx[k] = static_cast<int32_t>(j);
+    xs[k] = v;
+    k += (v - shift) - tau > T(0) ? 1 : 0;
+  }
+  return k;
+}
+
+// How many entries of `rows` rows of n have (x - shift) - tau > 0 (shift and tau per row, or 0 when null).
+template <typename T>
+inline int64_t support_count(const T* x, int64_t rows, int64_t n, const T* shift, const T* tau) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T sh = shift != nullptr ? shift[i] : T(0), ta = tau != nullptr ? tau[i] : T(0);
+    const T* xi = x + i * n;
+    int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+    for (int64_t j = 0; j < n; ++j) c += (xi[j] - sh) - ta > T(0) ? 1 : 0;
+    count += c;
+  }
+  return count;
+}
+
+#if defined(__AVX512F__)
+template <>
+inline int64_t support<float>(const float* x, int64_t n, float shift, float tau, int32_t* idx, float* xs) {
+  const __m512 sh = _mm512_set1_ps(shift), ta = _mm512_set1_ps(tau), zero = _mm512_setzero_ps();
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(LANES);
+  int64_t k = 0, j = 0;
+  for (; j + LANES <= n; j += LANES, lane = _mm512_add_epi32(lane, step)) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __mmask16 in = _mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_sub_ps(v, sh), ta), zero, _CMP_GT_OQ);
+    if (in) {
+      _mm512_storeu_ps(xs + k, _mm512_maskz_compress_ps(in, v));
+      _mm512_storeu_si512(idx + k, _mm512_maskz_compress_epi32(in, lane));
+      k += __builtin_popcount(static_cast<unsigned>(in));
     }
   }
+  for (; j < n; ++j) {
+    const float v = x[j];
+    idx[k] = static_cast<int32_t>(j);
+    xs[k] = v;
+    k += (v - shift) - tau > 0.0f ? 1 : 0;
+  }
+  return k;
+}
+#endif
+
+// The products' widths: head sizes d = dv of 16, 32, 64 or 128 are compile-time constants (W; loops the compiler
+// unrolls, sums kept in registers: the backward on the supports took about half the time with d = 32), others
+// are read at run time (W = 0).
+template <typename T, int W>
+inline void readout_rows(const T* p, const T* v, T* out, int64_t groups, int64_t rows, int64_t m, int64_t dv_rt,
+                         int64_t out_stride) {
+  const int64_t dv = W > 0 ? W : dv_rt;
+  std::vector<int32_t> idx(m + LANES);
+  std::vector<T> ps(m + LANES), acc(dv);
+  for (int64_t g = 0; g < groups; ++g) {
+    const T* vg = v + g * m * dv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t k = support(p + (g * rows + r) * m, m, T(0), T(0), idx.data(), ps.data());
+      T* __restrict a = acc.data();
+      for (int64_t t = 0; t < dv; ++t) a[t] = T(0);
+      for (int64_t c = 0; c < k; ++c) {
+        const T w = ps[c];
+        const T* __restrict vj = vg + static_cast<int64_t>(idx[c]) * dv;
+#pragma omp simd
+        for (int64_t t = 0; t < dv; ++t) a[t] += w * vj[t];
+      }
+      T* __restrict oi = out + g * out_stride + r * dv;
+      for (int64_t t = 0; t < dv; ++t) oi[t] = a[t];
+    }
+  }
+}
+
+// out (rows of `groups` groups, group stride out_stride, rows dv apart) = p v, from the weights p
+// (groups * rows x m) and v (groups x m x dv), on the supports.
+template <typename T>
+int readout_support(const T* p, const T* v, T* out, int64_t groups, int64_t rows, int64_t m, int64_t dv,
+                    int64_t out_stride, int64_t limit) {
+  if (support_count(p, groups * rows, m, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr)) > limit)
+    return 1;
+  switch (dv) {
+    case 16: readout_rows<T, 16>(p, v, out, groups, rows, m, dv, out_stride); break;
+    case 32: readout_rows<T, 32>(p, v, out, groups, rows, m, dv, out_stride); break;
+    case 64: readout_rows<T, 64>(p, v, out, groups, rows, m, dv, out_stride); break;
+    case 128: readout_rows<T, 128>(p, v, out, groups, rows, m, dv, out_stride); break;
+    default: readout_rows<T, 0>(p, v, out, groups, rows, m, dv, out_stride);
+  }
+  return 0;
+}
+
+struct Block {  // a block's shape and the strides of its row-sliced operands (go, q and dq)
+  int64_t groups, rows, m, d, dv, go_stride, q_stride;
+};
+
+template <typename T, int W>
+void backward_rows(const T* x, const T* go, const T* q, const T* k, const T* v, T* dq, T* dk, T* dv_out, Block b,
+                   int kind, const T* alpha_rows, double alpha_f, const T* tau_in, const T* shift_in,
+                   const T* norm_in, T* dalpha, double grad_scale) {
+  const int64_t m = b.m, d = W > 0 ? W : b.d, dv = W > 0 ? W : b.dv;
+  std::vector<int32_t> idx(m + LANES);
+  std::vector<T> xs(m + LANES), gs(m), ds(m), lg(dalpha != nullptr ? m : 0), acc(d);
+  const T scale = static_cast<T>(grad_scale);
+  for (int64_t g = 0; g < b.groups; ++g) {
+    const T *kg = k + g * m * d, *vg = v + g * m * dv;
+    T *dkg = dk + g * m * d, *dvg = dv_out + g * m * dv;
+    for (int64_t r = 0; r < b.rows; ++r) {
+      const int64_t i = g * b.rows + r;
+      const T *__restrict goi = go + g * b.go_stride + r * dv, *__restrict qi = q + g * b.q_stride + r * d;
+      const int64_t n = support(x + i * m, m, shift_in[i], tau_in[i], idx.data(), xs.data());
+      for (int64_t c = 0; c < n; ++c) {  // d loss / d p on the support: <go_i, v_j>
+        const T* __restrict vj = vg + static_cast<int64_t>(idx[c]) * dv;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t t = 0; t < dv; ++t) dot += goi[t] * vj[t];
+        gs[c] = dot;
+      }
+      const T alpha = alpha_rows != nullptr ? alpha_rows[i] : static_cast<T>(alpha_f);
+      backward_row(xs.data(), gs.data(), ds.data(), n, kind, alpha, alpha_rows != nullptr, tau_in[i], shift_in[i],
+                   norm_in[i], dalpha != nullptr ? dalpha + i : nullptr, lg.data());
+      T* __restrict a = acc.data();
+      for (int64_t t = 0; t < d; ++t) a[t] = T(0);
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t j = idx[c];
+        const T dsj = ds[c], pj = xs[c], sdsj = scale * dsj;
+        const T* __restrict kj = kg + j * d;
+        T* __restrict dkj = dkg + j * d;
+        T* __restrict dvj = dvg + j * dv;
+#pragma omp simd
+        for (int64_t t = 0; t < d; ++t) {
+          a[t] += dsj * kj[t];
+          dkj[t] += sdsj * qi[t];
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < dv; ++t) dvj[t] += pj * goi[t];
+      }
+      T* __restrict dqi = dq + g * b.q_stride + r * d;
+      for (int64_t t = 0; t < d; ++t) dqi[t] = scale * a[t];
+    }
+  }
+}
+
+// The backward of a block on the supports, from its recomputed scores x (groups * rows x m, read only), the
+// gradient of the read-out go, the queries q (go, q and dq: group strides go_stride, q_stride; rows dv, d apart),
+// keys k and values v (groups x m x d, groups x m x dv): dq = grad_scale ds k (written), dk += grad_scale ds^T q,
+// dv_out += p^T go (added) and dalpha per row (written, when given).
+template <typename T>
+int backward_support(const T* x, const T* go, const T* q, const T* k, const T* v, T* dq, T* dk, T* dv_out,
+                     int64_t groups, int64_t rows, int64_t m, int64_t d, int64_t dv, int64_t go_stride,
+                     int64_t q_stride, int kind, const T* alpha_rows, double alpha_f, const T* tau_in,
+                     const T* shift_in, const T* norm_in, T* dalpha, double grad_scale, int64_t limit) {
+  if (support_count(x, groups * rows, m, shift_in, tau_in) > limit) return 1;
+  const Block b{groups, rows, m, d, dv, go_stride, q_stride};
+  const int w = d == dv && (d == 16 || d == 32 || d == 64 || d == 128) ? static_cast<int>(d) : 0;
+  switch (w) {
+    case 16: backward_rows<T, 16>(x, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
+                                  norm_in, dalpha, grad_scale); break;
+    case 32: backward_rows<T, 32>(x, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
+                                  norm_in, dalpha, grad_scale); break;
+    case 64: backward_rows<T, 64>(x, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
+                                  norm_in, dalpha, grad_scale); break;
+    case 128: backward_rows<T, 128>(x, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
+                                    norm_in, dalpha, grad_scale); break;
+    default: backward_rows<T, 0>(x, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
+                                 norm_in, dalpha, grad_scale);
+  }
+  return 0;
 }
 
 }  // namespace
@@ -637,6 +827,34 @@ int hop_backward_f64(double* x, const double* g, double* ds, int64_t rows, int64
   return 0;
 }
 
-int hop_abi_version() { return 3; }
+int hop_readout_support_f32(const float* p, const float* v, float* out, int64_t groups, int64_t rows, int64_t m,
+                            int64_t dv, int64_t out_stride, int64_t limit) {
+  return readout_support<float>(p, v, out, groups, rows, m, dv, out_stride, limit);
+}
+
+int hop_readout_support_f64(const double* p, const double* v, double* out, int64_t groups, int64_t rows, int64_t m,
+                            int64_t dv, int64_t out_stride, int64_t limit) {
+  return readout_support<double>(p, v, out, groups, rows, m, dv, out_stride, limit);
+}
+
+int hop_backward_support_f32(const float* x, const float* go, const float* q, const float* k, const float* v, float* dq,
+                             float* dk, float* dv_out, int64_t groups, int64_t rows, int64_t m, int64_t d, int64_t dv,
+                             int64_t go_stride, int64_t q_stride, int kind, const float* alpha_rows, double alpha_f,
+                             const float* tau, const float* shift, const float* norm, float* dalpha, double grad_scale,
+                             int64_t limit) {
+  return backward_support<float>(x, go, q, k, v, dq, dk, dv_out, groups, rows, m, d, dv, go_stride, q_stride, kind,
+                                 alpha_rows, alpha_f, tau, shift, norm, dalpha, grad_scale, limit);
+}
+
+int hop_backward_support_f64(const double* x, const double* go, const double* q, const double* k, const double* v,
+                             double* dq, double* dk, double* dv_out, int64_t groups, int64_t rows, int64_t m, int64_t d,
+                             int64_t dv, int64_t go_stride, int64_t q_stride, int kind, const double* alpha_rows,
+                             double alpha_f, const double* tau, const double* shift, const double* norm, double* dalpha,
+                             double grad_scale, int64_t limit) {
+  return backward_support<double>(x, go, q, k, v, dq, dk, dv_out, groups, rows, m, d, dv, go_stride, q_stride, kind,
+                                  alpha_rows, alpha_f, tau, shift, norm, dalpha, grad_scale, limit);
+}
+
+int hop_abi_version() { return 4; }
 
 }  // extern "C"
