@@ -437,7 +437,8 @@ def test_support_products_match_dense(separation, shape, restore_path, monkeypat
         sep = sep.detach()[:h].clone().requires_grad_(True)
 
     def run(limit):
-        monkeypatch.setattr(sa, "_SUPPORT_MAX", limit)
+        monkeypatch.setattr(sa, "_READOUT_MAX", limit)
+        monkeypatch.setattr(sa, "_BACKWARD_MAX", limit)
         inputs = [q, k, v, beta] + ([sep] if isinstance(sep, torch.Tensor) else [])
         out = separated_attention(q, k, v, separation=sep, mask=mask, beta=beta)
         g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
@@ -462,7 +463,8 @@ def test_support_products_gradcheck(separation, restore_path, monkeypatch):
     import hopformer.functional._separated_attention as sa
 
     set_kernel_path("native")
-    monkeypatch.setattr(sa, "_SUPPORT_MAX", 1.0)
+    monkeypatch.setattr(sa, "_READOUT_MAX", 1.0)
+    monkeypatch.setattr(sa, "_BACKWARD_MAX", 1.0)
     calls = _spy_supports(monkeypatch)
     q, k, v = qkv(1, 4, 3, 256, 2, seed=7, scale=2.0)
     sep = separation
@@ -481,3 +483,31 @@ def test_support_kernels_name_bad_strides():
     out = torch.empty(2, 4, 3).transpose(1, 2)  # rows not contiguous
     with pytest.raises(ValueError, match=r"contiguous rows; got torch.float32 \(2, 3, 4\) strides \(12, 1, 3\)"):
         _native.readout_support(p, torch.rand(2, 8, 4), out, 100)
+
+
+@needs_native
+@pytest.mark.parametrize("separation", ["sparsemax", "entmax15", 1.3, "per_head"])
+@pytest.mark.parametrize("d", [32, 16])
+def test_support_products_float32(separation, d, restore_path, monkeypatch):
+    """Float32 (the vector paths: compressed supports, tree-summed products of whole 16-lane vectors): on the
+    supports as close to the float64 result as the dense matmuls, with a mask."""
+    import hopformer.functional._separated_attention as sa
+
+    set_kernel_path("native")
+    calls = _spy_supports(monkeypatch)
+    q, k, v = qkv(1, 4, 40, 1030, d, seed=8, scale=1.0)
+    mask = torch.rand(40, 1030, generator=torch.Generator().manual_seed(8)) > 0.1
+    def sep(dtype):  # per head: alpha near 1 makes d/dalpha rounding noise ((alpha - 1)^-2), on either path
+        if separation != "per_head":
+            return separation
+        return torch.tensor([1.1, 1.5, 1.9, 2.0], dtype=dtype).reshape(4, 1, 1).requires_grad_(True)
+
+    truth = run_on_path("native", q, k, v, sep(torch.float64), mask)
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    results = []
+    for limit in (1.0, 0.0):
+        monkeypatch.setattr(sa, "_READOUT_MAX", limit)
+        monkeypatch.setattr(sa, "_BACKWARD_MAX", limit)
+        results.append(run_on_path("native", q32, k32, v32, sep(torch.float32), mask))
+    assert calls["backward_support"][0] and not calls["backward_support"][-1]
+    assert_no_worse(*results, truth)
