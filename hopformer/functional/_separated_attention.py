@@ -11,7 +11,9 @@ the score matmuls for a float beta and alpha (`q_scale`, BLAS's alpha); otherwis
 grouping copy, autograd taking d/dbeta; for a tensor alpha inside it, d/dbeta read off `dq`,
 `sum <d/d(qk^T) k, q>`), and the thresholds are solved for `x - max x` (float precision for large
 scores), so a block costs two matmuls and the threshold iteration forward, five matmuls and a few
-elementwise passes backward (four when short rows keep their weights: `_kept_weights`).
+elementwise passes backward (four when short rows keep their weights: `_kept_weights`). Blocks of long rows
+with small supports (`_READOUT_MAX`, `_BACKWARD_MAX`) replace the matmuls with the weights by sums over the
+supports (forward: one matmul left; backward: one).
 On CPU the row work of a block (row maxima, thresholds, normalisers, weights; backward: weights, `ds`,
 d/dalpha) is one call of the fused C++ kernels (`hopformer.functional._native`) when they are built,
 else the torch-op kernels of `_separation_kernels` (`set_kernel_path` chooses). Rows of fewer than

@@ -1,8 +1,9 @@
 """The fused C++ kernels of the sparse attention core, built at first use: `separation.cpp` (rows),
-`tiles.cpp` (short rows, transposed, 16 rows at a time) and their shared `vectors.h`.
+`supports.cpp` (products on the supports of long rows), `tiles.cpp` (short rows, transposed, 16 rows at a
+time) and their shared `rows.h` and `vectors.h`.
 
 The source is plain C++ (no torch headers), built once by any C++17 compiler (`$CXX`, else `c++`, `g++` or
-`clang++` on the PATH): about 6 s with GCC at -O3 (the two sources compile in parallel), for the machine's own
+`clang++` on the PATH): about 6 s with GCC at -O3 (the sources compile in parallel), for the machine's own
 CPU (`$HOPFORMER_NATIVE_MARCH=<cpu>` builds for another, `-march=<cpu>`). The library is cached under
 `$HOPFORMER_CACHE_DIR` (default `$XDG_CACHE_HOME/hopformer`, i.e. `~/.cache/hopformer`), keyed by the
 source, the flags, the compiler and the CPU, and loaded with ctypes (whose calls release the GIL, so the
@@ -25,8 +26,8 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("separation.cpp", "tiles.cpp")]
-HEADERS = [Path(__file__).with_name("vectors.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("separation.cpp", "supports.cpp", "tiles.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("rows.h", "vectors.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one compiles: masked vector epilogues (GCC) help rows of 65 scores
 ARCH_FLAGS = (["-march=native", "--param=vect-partial-vector-usage=1"], ["-march=native"], [])
