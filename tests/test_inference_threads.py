@@ -179,3 +179,31 @@ def test_lightning_validate_test_predict_with_two_threads(separation, tmp_path, 
         assert torch.cat(predictions).shape == (16,)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("separation", ["sparsemax", "entmax15"])  # supports under a tenth of the keys here
+def test_long_rows_on_their_supports_under_inference_mode(separation, monkeypatch):
+    """Rows of 300 keys take the row kernels and read out through their supports (`readout_support`), in several
+    blocks spread over the worker threads: with 2 threads, inference mode gives what no_grad gives."""
+    from hopformer.functional import _native
+    from hopformer.functional.separation import separated_attention
+
+    if _native.load() is None:
+        pytest.skip(f"native kernels not built: {_native.error()}")
+    calls = []
+    real = _native.readout_support
+    monkeypatch.setattr(_native, "readout_support", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(core, "_CHUNK_ELEMS", 300 * 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 2, n, DIM, generator=gen) for n in (40, 300, 300))
+        with torch.no_grad():
+            ref = separated_attention(q, k, v, separation=separation)
+        with torch.inference_mode():
+            out = separated_attention(q, k, v, separation=separation)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) >= 2 * 4 and all(calls)  # several blocks each call, all on the supports
+    assert torch.equal(out, ref)
