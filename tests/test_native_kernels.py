@@ -431,10 +431,12 @@ def test_support_products_match_dense(separation, shape, restore_path, monkeypat
     beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(b, 1, n, m, generator=torch.Generator().manual_seed(5)) > 0.2
     mask[0, 0, 3] = False
-    sep = _per_row_alpha(n).unsqueeze(0).expand(h, n, 1) if separation == "per_row" else None
-    sep = sep.clone().requires_grad_(True) if sep is not None else _separation(separation, torch.float64)
-    if isinstance(sep, torch.Tensor) and sep.shape[0] != h:
-        sep = sep.detach()[:h].clone().requires_grad_(True)
+    if separation == "per_row":
+        sep = _per_row_alpha(n)
+    elif separation == "per_head":  # the first h of the four heads' alphas
+        sep = _separation(separation, torch.float64).detach()[:h].requires_grad_(True)
+    else:
+        sep = separation
 
     def run(limit):
         monkeypatch.setattr(sa, "_READOUT_MAX", limit)

@@ -161,16 +161,13 @@ def _forward_blocks(
                        q_scale, weights)
         return out, tau, shift, norm
     qs, scale = _scaled_queries(q, beta, alpha, kind)
-    k_t = k.transpose(1, 2)
     blocks = list(_blocks(groups, n, m, q.device))
 
     def job(part):
         ws = _Workspace(q, n, m, 1 if native is not None else 4)  # native: the weights overwrite the scores
         for i in part:
             gs, rs = blocks[i]
-            x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m))
-            _matmul(qs[gs, rs], k_t[gs], x, q_scale)  # x = (alpha - 1) (beta q k^T + mask)
-            _add_mask(x, mask, gs, rs, scale)
+            x = _row_scores(ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m)), gs, rs, k, qs, q_scale, mask, scale)
             rows = x.view(-1, m)
             if native is not None:  # one fused call: row maxima, thresholds, normalisers, weights (in place)
                 a_rows = _alpha_rows(a_t, gs, rs)
@@ -210,9 +207,8 @@ def _forward_tiles(native, q, k, v, beta, a_t, alpha_f, mask, kind, tol, max_ite
         for i in part:
             gs, rs = blocks[i]
             shape = (gs.stop - gs.start, m, rs.stop - rs.start)
-            xt = ws.get(0, shape) if weights is None else weights[gs]  # kept: whole groups per block
-            _matmul(k[gs], qs[gs, rs].transpose(1, 2), xt, q_scale)
-            _add_mask(xt, mask, gs, rs, scale, transposed=True)
+            xt = _tile_scores(ws.get(0, shape) if weights is None else weights[gs], gs, rs, k, qs, q_scale, mask,
+                              scale)  # kept weights: whole groups per block
             native.forward_tiles(xt, kind, _alpha_rows(a_t, gs, rs), alpha_f, tol, max_iter, tau[gs, rs].view(-1),
                                  shift[gs, rs].view(-1), norm[gs, rs].view(-1))
             torch.bmm(xt.transpose(1, 2), v[gs], out=out[gs, rs])
@@ -303,13 +299,12 @@ def _backward_blocks(
                 ga = dalpha[gs].zero_() if need_alpha else None
             for b, (gs, rs) in enumerate(items[u]):
                 go = g_out[gs, rs]
-                if weights is not None:
-                    p3, ds3, da = _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha)
-                elif tiles:
+                if tiles:
                     p3, ds3, da = _tile_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t,
-                                                    alpha_f, (tau, shift, norm), need_alpha)
+                                                    alpha_f, (tau, shift, norm), need_alpha, weights)
                 else:
-                    x = _row_scores(ws, gs, rs, k, qs, q_scale, mask, scale)
+                    x = _row_scores(ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, m)), gs, rs, k, qs, q_scale,
+                                    mask, scale)
                     if native is not None and _support_block_grads(native, ws, x, gs, rs, q, k, v, go, kind, a_t, alpha_f,
                                                                    (tau, shift, norm), need_alpha, b, dq, gk, gv, ga,
                                                                    grad_scale):
@@ -341,11 +336,17 @@ def _backward_blocks(
     return dq.mul_(beta), dk.mul_(beta), dv, dbeta, dalpha
 
 
-def _row_scores(ws, gs, rs, k, qs, q_scale, mask, scale) -> Tensor:
-    """A block's scores `(groups, rows, m)` recomputed as the forward took them: `q_scale qs k^T` and the mask."""
-    x = ws.get(0, (gs.stop - gs.start, rs.stop - rs.start, k.shape[1]))
+def _row_scores(x, gs, rs, k, qs, q_scale, mask, scale) -> Tensor:
+    """A block's scores into `x` `(groups, rows, m)`: `q_scale qs k^T` and the mask, i.e. `(alpha - 1) (beta q k^T +
+    mask)` (forward, and recomputed alike in the backward)."""
     _matmul(qs[gs, rs], k[gs].transpose(1, 2), x, q_scale)
     return _add_mask(x, mask, gs, rs, scale)
+
+
+def _tile_scores(xt, gs, rs, k, qs, q_scale, mask, scale) -> Tensor:
+    """`_row_scores` transposed, into `xt` `(groups, m, rows)` (the tile kernels' layout)."""
+    _matmul(k[gs], qs[gs, rs].transpose(1, 2), xt, q_scale)
+    return _add_mask(xt, mask, gs, rs, scale, transposed=True)
 
 
 def _support_block_grads(native, ws, x, gs, rs, q, k, v, go, kind, a_t, alpha_f, stats, need_alpha, b, dq, gk, gv,
@@ -395,33 +396,24 @@ def _row_block_grads(native, ws, gs, rs, x, v, go, kind, a_t, alpha_f, stats, ne
     return p.view(shape), ds.view(shape), da if need_alpha else None
 
 
-def _tile_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha):
+def _tile_block_grads(native, ws, gs, rs, k, v, qs, q_scale, go, mask, scale, kind, a_t, alpha_f, stats, need_alpha,
+                      weights=None):
     """A block's weights, d loss / d scores (both `(groups, rows, m)`, transposed views of the tile kernels'
-    blocks) and d loss / d alpha per row (or None), from the block's scores and d loss / d p computed
-    transposed (`k qs^T`, `v go^T`)."""
+    blocks) and d loss / d alpha per row (or None), from d loss / d p computed transposed (`v go^T`) and the
+    block's scores (`_tile_scores`) or, when the forward kept them, its weights (`weights[gs]`, whole groups: no
+    scores to recompute, one matmul of the block's five)."""
     shape = (gs.stop - gs.start, k.shape[1], rs.stop - rs.start)
-    xt = ws.get(0, shape)
-    _matmul(k[gs], qs[gs, rs].transpose(1, 2), xt, q_scale)
-    _add_mask(xt, mask, gs, rs, scale, transposed=True)
+    if weights is None:
+        xt = _tile_scores(ws.get(0, shape), gs, rs, k, qs, q_scale, mask, scale)
+        block_stats = [t[gs, rs].view(-1) for t in stats]
+    else:
+        xt, block_stats = weights[gs], [None, None, None]
     dpt = ws.get(1, shape)
     torch.bmm(v[gs], go.transpose(1, 2), out=dpt)
     dst = ws.get(2, shape)
     da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
-    native.backward_tiles(xt, dpt, dst, _alpha_rows(a_t, gs, rs), alpha_f, *(t[gs, rs].view(-1) for t in stats), da)
+    native.backward_tiles(xt, dpt, dst, _alpha_rows(a_t, gs, rs), alpha_f, *block_stats, da, kind)
     return xt.transpose(1, 2), dst.transpose(1, 2), da
-
-
-def _kept_block_grads(native, ws, gs, rs, v, go, weights, kind, a_t, alpha_f, need_alpha):
-    """As `_tile_block_grads`, from the weights the forward kept (`weights[gs]`, whole groups): no scores to
-    recompute (one matmul of the block's five)."""
-    pt = weights[gs]
-    shape = pt.shape
-    dpt = ws.get(1, shape)
-    torch.bmm(v[gs], go.transpose(1, 2), out=dpt)
-    dst = ws.get(2, shape)
-    da = ws.get(3, (shape[0] * shape[2],)) if need_alpha else None
-    native.backward_tiles(pt, dpt, dst, _alpha_rows(a_t, gs, rs), alpha_f, None, None, None, da, kind)
-    return pt.transpose(1, 2), dst.transpose(1, 2), da
 
 
 def _add_block_grads(b, p3, ds3, da, gs, rs, k, q, go, a_t, dq, gk, gv, ga, grad_scale: float) -> None:

@@ -72,10 +72,16 @@ def as_additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+def _check_scores_mask(mask: Tensor | None, query: Tensor, keys: Tensor) -> None:
+    """`check_mask` against the scores of `query` and `keys`, whose shape is formed only when there is a mask
+    (`torch.broadcast_shapes` costs about as much as a small attention call)."""
+    if mask is not None:
+        check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
+
+
 def _scores(query: Tensor, keys: Tensor, beta: float | Tensor, mask: Tensor | None) -> Tensor:
     """``beta * query keys^T`` plus the mask as an additive term."""
-    if mask is not None:  # (torch.broadcast_shapes costs about as much as a small attention call)
-        check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
+    _check_scores_mask(mask, query, keys)
     scores = torch.matmul(query, keys.transpose(-1, -2)) * beta
     additive = as_additive_mask(mask, scores.dtype)
     return scores if additive is None else scores + additive
@@ -157,8 +163,7 @@ def hopfield_retrieve(
     _check_patterns(query, keys, values)
     _check_beta(beta)
     separation = check_separation(separation)
-    if mask is not None:  # (torch.broadcast_shapes costs about as much as a small attention call)
-        check_mask(mask, (*torch.broadcast_shapes(query.shape[:-2], keys.shape[:-2]), query.shape[-2], keys.shape[-2]))
+    _check_scores_mask(mask, query, keys)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if eps is not None and not eps > 0:

@@ -88,7 +88,18 @@ struct Supports {
 
 // The products' widths: head sizes d = dv of 16, 32, 64 or 128 are compile-time constants (W; loops the compiler
 // unrolls, sums kept in registers: the backward on the supports took about 0.8x the time with d = 32), others
-// are read at run time (W = 0).
+// are read at run time (W = 0). by_width(w, f) calls f(std::integral_constant<int, W>) for the width w.
+template <typename F>
+inline void by_width(int64_t w, F&& f) {
+  switch (w) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
 template <typename T, int W>
 inline void readout_rows(const Supports<T>& sup, const T* v, T* out, int64_t groups, int64_t rows, int64_t m,
                          int64_t dv_rt, int64_t out_stride) {
@@ -120,13 +131,7 @@ int readout_support(const T* p, const T* v, T* out, int64_t groups, int64_t rows
   Supports<T> sup;
   if (!sup.gather(p, groups * rows, m, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), limit))
     return 1;
-  switch (dv) {
-    case 16: readout_rows<T, 16>(sup, v, out, groups, rows, m, dv, out_stride); break;
-    case 32: readout_rows<T, 32>(sup, v, out, groups, rows, m, dv, out_stride); break;
-    case 64: readout_rows<T, 64>(sup, v, out, groups, rows, m, dv, out_stride); break;
-    case 128: readout_rows<T, 128>(sup, v, out, groups, rows, m, dv, out_stride); break;
-    default: readout_rows<T, 0>(sup, v, out, groups, rows, m, dv, out_stride);
-  }
+  by_width(dv, [&](auto w) { readout_rows<T, decltype(w)::value>(sup, v, out, groups, rows, m, dv, out_stride); });
   return 0;
 }
 
@@ -207,19 +212,10 @@ int backward_support(const T* x, const T* go, const T* q, const T* k, const T* v
   Supports<T> sup;
   if (!sup.gather(x, groups * rows, m, shift_in, tau_in, limit)) return 1;
   const Block b{groups, rows, m, d, dv, go_stride, q_stride};
-  const int w = d == dv && (d == 16 || d == 32 || d == 64 || d == 128) ? static_cast<int>(d) : 0;
-  switch (w) {
-    case 16: backward_rows<T, 16>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
-                                  norm_in, dalpha, grad_scale); break;
-    case 32: backward_rows<T, 32>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
-                                  norm_in, dalpha, grad_scale); break;
-    case 64: backward_rows<T, 64>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
-                                  norm_in, dalpha, grad_scale); break;
-    case 128: backward_rows<T, 128>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
-                                    norm_in, dalpha, grad_scale); break;
-    default: backward_rows<T, 0>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in, shift_in,
-                                 norm_in, dalpha, grad_scale);
-  }
+  by_width(d == dv ? d : 0, [&](auto w) {  // one width for both products, else read at run time
+    backward_rows<T, decltype(w)::value>(sup, go, q, k, v, dq, dk, dv_out, b, kind, alpha_rows, alpha_f, tau_in,
+                                         shift_in, norm_in, dalpha, grad_scale);
+  });
   return 0;
 }
 
